@@ -1,0 +1,1 @@
+"""ganpipe core: pure PyTorch/numpy GAN models, data and metrics (no Ray, MLflow or boto3)."""

@@ -1,0 +1,52 @@
+"""Seeded sampling: the same seed gives the same image, whatever else is in the batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def latents_from_seeds(
+    seeds: Sequence[int], latent_dim: int, counts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """One latent per seed, or ``counts[i]`` latents drawn in order from ``seeds[i]``."""
+    counts = [1] * len(seeds) if counts is None else list(counts)
+    if len(counts) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(counts)} counts")
+    parts = []
+    for seed, count in zip(seeds, counts, strict=True):
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count} for seed {seed}")
+        rng = torch.Generator().manual_seed(int(seed))
+        parts.append(torch.randn(int(count), latent_dim, generator=rng))
+    if not parts:
+        return torch.zeros(0, latent_dim)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Images in [-1, 1] for ``latents``, computed in chunks; the generator's mode is kept."""
+    device = next(generator.parameters()).device
+    chunks = [
+        generator(latents[i : i + batch_size].to(device)).cpu()
+        for i in range(0, latents.shape[0], batch_size)
+    ]
+    if not chunks:
+        return torch.zeros(0)
+    return torch.cat(chunks)
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 1) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> one (C, H', W') image laid out row by row, padded in white."""
+    n, c, h, w = images.shape
+    columns = columns or max(1, int(round(n**0.5)))
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(c, rows * (h + padding) + padding, columns * (w + padding) + padding)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid

@@ -1,0 +1,77 @@
+"""The checkpointable training state, stored as plain tensors so it loads with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE_FILE = "state.pt"
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") else module
+
+
+def save_state(
+    directory: str | Path,
+    *,
+    step: int,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    sched_g: Any,
+    sched_d: Any,
+    rng: torch.Generator,
+) -> Path:
+    """Write the whole training state into ``directory`` and return the file path."""
+    path = Path(directory) / STATE_FILE
+    torch.save(
+        {
+            "step": torch.tensor(step),
+            "generator": unwrap(generator).state_dict(),
+            "discriminator": unwrap(discriminator).state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "sched_g": sched_g.state_dict(),
+            "sched_d": sched_d.state_dict(),
+            "rng": rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        path,
+    )
+    return path
+
+
+def load_state(
+    directory: str | Path,
+    *,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    sched_g: Any,
+    sched_d: Any,
+    rng: torch.Generator,
+) -> int:
+    """Restore everything ``save_state`` wrote; return the step to continue from."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    unwrap(generator).load_state_dict(state["generator"])
+    unwrap(discriminator).load_state_dict(state["discriminator"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    sched_g.load_state_dict(state["sched_g"])
+    sched_d.load_state_dict(state["sched_d"])
+    rng.set_state(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def load_generator_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Only the generator's weights from a saved state (what a registered model needs)."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    return state["generator"]

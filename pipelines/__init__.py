@@ -1,0 +1,1 @@
+"""Orchestration of the GAN library: the DAG, Ray Train/Tune, MLflow, storage and the CLI."""

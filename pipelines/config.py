@@ -1,0 +1,311 @@
+"""The one config schema: every key, its type, its default and what it means.
+
+Presets (YAML files in ``configs/``) override a few keys; ``key=value`` arguments override a
+preset. Unknown keys, wrong types and impossible values are refused here, before any Ray work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gan.nn.models import check_resolution
+from gan.nn.normalization import NORMALIZATIONS
+from gan.schedules import DECAYS
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and what is allowed."""
+
+
+def doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("'digits' (scikit-learn's, bundled) or a path to an .npz file", "digits")
+    resolution: int = doc("image side in pixels; a power of two from 8 to 256", 16)
+    holdout_fraction: float = doc("share of images held out for evaluation, in (0, 1)", 0.2)
+    shards: int = doc("Parquet shards of the training split; at least train.workers", 4)
+    seed: int = doc("seed of the train/held-out split and the shard shuffle", 0)
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = doc("size of the generator's input noise", 64)
+    g_width: int = doc("generator channels at the last upsampling (doubling towards 4×4)", 64)
+    d_width: int = doc("discriminator channels at the first layer (doubling per layer)", 64)
+    g_norm: str = doc(f"generator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
+    d_norm: str = doc(f"discriminator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = doc("generator Adam learning rate (peak, after warm-up)", 2e-4)
+    lr_d: float = doc("discriminator Adam learning rate (peak, after warm-up)", 2e-4)
+    beta1: float = doc("Adam beta1 for both networks (DCGAN: 0.5)", 0.5)
+    beta2: float = doc("Adam beta2 for both networks", 0.999)
+    warmup_steps: int = doc("linear warm-up steps from lr/warmup_steps to lr", 100)
+    decay: str = doc(f"decay after warm-up: {', '.join(DECAYS)}", "cosine")
+    min_lr_factor: float = doc("learning rate at the last step as a fraction of the peak", 0.1)
+
+
+@dataclass
+class TrainConfig:
+    workers: int = doc("Ray Train data-parallel workers (CPU processes here, GPUs on a cluster)", 2)
+    use_gpu: bool = doc("one GPU per worker (NCCL) instead of CPU (gloo)", False)
+    steps: int = doc("training iterations (one D and one G update each)", 1500)
+    batch_size: int = doc("global batch; each worker takes batch_size / workers", 64)
+    threads_per_worker: int = doc("torch intra-op threads in each worker", 1)
+    report_every: int = doc("steps between metric reports (and MLflow points)", 50)
+    checkpoint_every: int = doc("steps between checkpoints written through Ray Train", 500)
+    seed: int = doc("seed of weights and noise", 0)
+
+
+@dataclass
+class EvalConfig:
+    samples: int = doc("generated images scored against the held-out split", 1000)
+    classifier_epochs: int = doc("epochs of the feature-extractor classifier", 15)
+    grid_size: int = doc("images in the logged sample grid (a square number)", 64)
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = doc("registered model name in the MLflow registry", "ganpipe-digits")
+
+
+@dataclass
+class Config:
+    workdir: str = doc(
+        "folder for the embedded MLflow store, step outputs and checkpoints", "ganpipe-runs"
+    )
+    tracking_uri: str = doc("MLflow tracking URI; empty: a SQLite store inside workdir", "")
+    experiment: str = doc("MLflow experiment of pipeline runs", "ganpipe")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.workers": 2, ...}``: the form logged as MLflow params."""
+        return dict(_flatten(self.to_dict()))
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) of every key: the table printed by ``ganpipe config``."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        if f.name in _SECTIONS:
+            for sf in dataclasses.fields(_SECTIONS[f.name]):
+                rows.append((f"{f.name}.{sf.name}", str(sf.type), sf.default, sf.metadata["doc"]))
+        else:
+            rows.append((f.name, str(f.type), f.default, f.metadata["doc"]))
+    return rows
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "register": RegisterConfig,
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    expected = _TYPES[type_name]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, bool) and expected is not bool:
+        raise ConfigError(f"{key}: expected {type_name}, got boolean {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {type_name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = config
+    fields_here = {f.name: f for f in dataclasses.fields(Config)}
+    for depth, part in enumerate(parts):
+        if part not in fields_here:
+            where = ".".join(parts[:depth]) or "top level"
+            allowed = ", ".join(sorted(fields_here))
+            raise ConfigError(f"unknown key {key!r}: no {part!r} at {where}; allowed: {allowed}")
+        f = fields_here[part]
+        if part in _SECTIONS and depth == 0:
+            if depth == len(parts) - 1:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: expected a mapping of {part}.* keys")
+                for sub_key, sub_value in value.items():
+                    _set(config, f"{part}.{sub_key}", sub_value)
+                return
+            target = getattr(target, part)
+            fields_here = {sf.name: sf for sf in dataclasses.fields(_SECTIONS[part])}
+            continue
+        if depth != len(parts) - 1:
+            raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[: depth + 1])} has no keys")
+        setattr(target, part, _coerce(key, str(f.type), value))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr_g=1e-4"`` -> ``("optim.lr_g", 1e-4)``; values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. train.workers=2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
+    # YAML 1.1 reads "1e-4" as a string; users mean a number.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        value = float(value)
+    return key.strip(), value
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return path
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a .yaml path)"
+        )
+    return candidate
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset (a name in configs/ or a YAML path), then key=value overrides."""
+    config = Config()
+    if preset:
+        path = preset_path(preset)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        for key, value in values.items():
+            _set(config, key, value)
+    for text in overrides:
+        _set(config, *parse_override(text))
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    """Refuse values the pipeline cannot run with; each message names the key and the range."""
+    try:
+        check_resolution(c.data.resolution)
+    except ValueError as exc:
+        raise ConfigError(f"data.resolution: {exc}") from None
+    _require(0 < c.data.holdout_fraction < 1, "data.holdout_fraction must be in (0, 1)")
+    _require(c.data.shards >= 1, "data.shards must be >= 1")
+    _require(c.model.latent_dim >= 1, "model.latent_dim must be >= 1")
+    _require(c.model.g_width >= 1 and c.model.d_width >= 1, "model.g_width/d_width must be >= 1")
+    for key in ("g_norm", "d_norm"):
+        value = getattr(c.model, key)
+        _require(
+            value in NORMALIZATIONS,
+            f"model.{key}: unknown normalization {value!r}; allowed: {', '.join(NORMALIZATIONS)}",
+        )
+    for key in ("lr_g", "lr_d"):
+        value = getattr(c.optim, key)
+        _require(value > 0, f"optim.{key} must be > 0 (a learning rate), got {value}")
+    for key in ("beta1", "beta2"):
+        value = getattr(c.optim, key)
+        _require(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}")
+    _require(c.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(
+        c.optim.decay in DECAYS,
+        f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(DECAYS)}",
+    )
+    _require(0 < c.optim.min_lr_factor <= 1, "optim.min_lr_factor must be in (0, 1]")
+    t = c.train
+    _require(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _require(
+        t.batch_size >= t.workers and t.batch_size % t.workers == 0,
+        f"train.batch_size ({t.batch_size}) must be a positive multiple of train.workers "
+        f"({t.workers}) so every worker gets an equal share",
+    )
+    _require(
+        t.batch_size // t.workers >= 2,
+        "train.batch_size / train.workers must be >= 2: batch norm needs two images per worker",
+    )
+    _require(t.threads_per_worker >= 1, "train.threads_per_worker must be >= 1")
+    _require(t.report_every >= 1, "train.report_every must be >= 1")
+    _require(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
+    _require(
+        c.data.shards >= t.workers,
+        f"data.shards ({c.data.shards}) must be >= train.workers ({t.workers}): "
+        "each worker reads its own shards",
+    )
+    _require(c.eval.samples >= 2, "eval.samples must be >= 2")
+    _require(c.eval.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
+    side = int(round(c.eval.grid_size**0.5))
+    _require(
+        c.eval.grid_size >= 1 and side * side == c.eval.grid_size,
+        f"eval.grid_size must be a square number (e.g. 64), got {c.eval.grid_size}",
+    )
+    _require(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", c.register.model_name) is not None,
+        f"register.model_name {c.register.model_name!r}: use letters, digits, '_', '.', '-'",
+    )
+    _require(bool(c.workdir), "workdir must not be empty")
+    _require(bool(c.experiment), "experiment must not be empty")
+    if c.data.source != "digits":
+        path = Path(c.data.source).expanduser()
+        _require(
+            path.is_file(),
+            f"data.source: no such file {str(path)!r}; use 'digits' or a path to an .npz file",
+        )
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` (how it travels into Ray tasks and workers)."""
+    config = Config()
+    for key, value in _flatten(values):
+        _set(config, key, value)
+    validate(config)
+    return config

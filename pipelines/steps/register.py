@@ -1,0 +1,43 @@
+"""register: the generator as a pyfunc model version, with champion/challenger alias."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.dag import StepContext
+from pipelines.registry import apply_alias_policy, log_generator
+
+
+def register(
+    ctx: StepContext, checkpoint: str, shape: list[int], metrics: dict[str, Any], digest: str
+) -> dict[str, Any]:
+    distance = float(metrics["frechet_distance"])
+    if not math.isfinite(distance):
+        raise ValueError(f"evaluation distance is {distance}; a broken generator is not registered")
+    name = ctx.config.register.model_name
+    version = log_generator(
+        run_id=ctx.logger.run_id,
+        tracking_uri=ctx.logger.tracking_uri,
+        config=ctx.config,
+        checkpoint=checkpoint,
+        shape=shape,
+        model_name=name,
+    )
+    client = MlflowClient(tracking_uri=ctx.logger.tracking_uri)
+    for key, value in {
+        "ganpipe.pipeline_run": ctx.pipeline_run_id,
+        "ganpipe.data_digest": digest,
+        **{f"metric.{k}": v for k, v in metrics.items()},
+    }.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    alias = apply_alias_policy(client, name, version, distance)
+    ctx.log(f"registered {name} version {version} as {alias}")
+    return {
+        "model_name": name,
+        "version": version,
+        "alias": alias,
+        "model_uri": f"models:/{name}@{alias}",
+    }

@@ -1,0 +1,109 @@
+"""MLflow bookkeeping: one parent run per pipeline run, one nested run per step.
+
+Every write goes through an ``MlflowClient`` bound to an explicit run id (no global active run),
+from one process at a time: the driver between steps, the running step's process during it. A
+SQLite store tolerates that; many concurrent writers need a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import Config
+
+PARENT_TAG = "mlflow.parentRunId"
+STEP_TAG = "ganpipe.step"
+FINGERPRINT_TAG = "ganpipe.fingerprint"
+PIPELINE_TAG = "ganpipe.pipeline_run"
+
+
+def client_for(config: Config) -> MlflowClient:
+    return MlflowClient(tracking_uri=config.resolved_tracking_uri)
+
+
+def ensure_experiment(config: Config) -> str:
+    """The experiment's id, created on first use with its artifacts under the workdir."""
+    client = client_for(config)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not config.tracking_uri:
+        location = (Path(config.workdir).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(config.experiment, artifact_location=location)
+
+
+class RunLogger:
+    """Writes to one MLflow run; safe to pickle into a Ray task (it holds only strings)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        entries = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, payload: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+def start_pipeline_run(config: Config, run_name: str | None = None) -> RunLogger:
+    client = client_for(config)
+    run = client.create_run(ensure_experiment(config), run_name=run_name)
+    logger = RunLogger(config.resolved_tracking_uri, run.info.run_id)
+    logger.log_params(config.flat())
+    logger.set_tags({PIPELINE_TAG: run.info.run_id})
+    return logger
+
+
+def start_step_run(
+    config: Config, parent: RunLogger, step: str, fingerprint: str, params: dict[str, Any]
+) -> RunLogger:
+    client = client_for(config)
+    run = client.create_run(
+        ensure_experiment(config),
+        run_name=step,
+        tags={
+            PARENT_TAG: parent.run_id,
+            PIPELINE_TAG: parent.run_id,
+            STEP_TAG: step,
+            FINGERPRINT_TAG: fingerprint,
+        },
+    )
+    logger = RunLogger(config.resolved_tracking_uri, run.info.run_id)
+    if params:
+        logger.log_params(params)
+    return logger

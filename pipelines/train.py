@@ -1,0 +1,256 @@
+"""Data-parallel GAN training on Ray Train: the worker loop and the driver side.
+
+The driver runs ``TorchTrainer.fit()`` in a background thread. A Train V2 ``UserCallback`` (run in
+the Train controller) forwards every report, with its checkpoint path, through a Ray queue to the
+driver's main thread, which hands it to ``on_report`` (MLflow logging, progress lines). The same
+route lets a Tune trial see real checkpoints later.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from gan.data.arrays import ImageSet, to_model_range
+from gan.data.shards import from_table
+from gan.nn.models import Discriminator, Generator
+from gan.schedules import SchedulePolicy, make_scheduler
+from gan.state import load_state, save_state
+from gan.step import train_step
+from pipelines.config import Config, config_from_dict
+
+ReportHandler = Callable[[dict[str, Any], str | None], None]
+
+
+def build_models(config: Config, channels: int) -> tuple[Generator, Discriminator]:
+    m = config.model
+    generator = Generator(
+        latent_dim=m.latent_dim,
+        resolution=config.data.resolution,
+        channels=channels,
+        width=m.g_width,
+        norm=m.g_norm,
+    )
+    discriminator = Discriminator(
+        resolution=config.data.resolution, channels=channels, width=m.d_width, norm=m.d_norm
+    )
+    return generator, discriminator
+
+
+def read_shards(paths: list[str], shape: tuple[int, int, int]) -> ImageSet:
+    parts = [from_table(pq.read_table(p), shape) for p in paths]
+    return ImageSet(
+        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+    )
+
+
+def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
+    """DDP without a buffer broadcast per forward: sync batch norm keeps buffers equal already,
+    and the broadcast would overwrite buffers between D's two forwards (breaks on CUDA)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, forward_sync_buffers=False)
+    return DistributedDataParallel(module, broadcast_buffers=False)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: reads its own shards, trains G and D under DDP, reports."""
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(loop_config["config"])
+    t = config.train
+    torch.set_num_threads(t.threads_per_worker)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+
+    shape = tuple(loop_config["shape"])
+    own_shards = loop_config["shards"][rank::world]
+    data = to_model_range(read_shards(own_shards, shape).images)
+    local_batch = t.batch_size // world
+
+    torch.manual_seed(t.seed)  # identical initial weights on every worker
+    generator, discriminator = build_models(config, channels=shape[0])
+    generator.to(device)
+    discriminator.to(device)
+    o = config.optim
+    opt_g = torch.optim.Adam(generator.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    policy = SchedulePolicy(
+        total_steps=t.steps,
+        warmup_steps=o.warmup_steps,
+        decay=o.decay,
+        min_factor=o.min_lr_factor,
+    )
+    sched_g, sched_d = make_scheduler(opt_g, policy), make_scheduler(opt_d, policy)
+    rng = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each worker its own noise
+    state = dict(
+        generator=generator,
+        discriminator=discriminator,
+        opt_g=opt_g,
+        opt_d=opt_d,
+        sched_g=sched_g,
+        sched_d=sched_d,
+        rng=rng,
+    )
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = load_state(directory, **state)
+    elif loop_config.get("resume_from"):
+        start = load_state(loop_config["resume_from"], **state)
+
+    g_inner, d_inner = generator, discriminator
+    if world > 1:
+        generator, discriminator = _ddp(generator), _ddp(discriminator)
+        state.update(generator=generator, discriminator=discriminator)
+
+    sums = torch.zeros(4)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start, t.steps):
+        index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
+        stats = train_step(
+            generator=generator,
+            discriminator=discriminator,
+            opt_g=opt_g,
+            opt_d=opt_d,
+            real=data[index].to(device),
+            latent_dim=config.model.latent_dim,
+            rng=rng,
+            generator_inner=g_inner,
+            discriminator_inner=d_inner,
+        )
+        sched_g.step()
+        sched_d.step()
+        sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake]).cpu()
+        window_steps += 1
+        done = step + 1
+        if done % t.report_every and done != t.steps:
+            continue
+        means = _mean_across_workers(sums / window_steps)
+        elapsed = time.perf_counter() - window_start
+        metrics = {
+            "step": done,
+            "loss_d": float(means[0]),
+            "loss_g": float(means[1]),
+            "d_real": float(means[2]),
+            "d_fake": float(means[3]),
+            "lr_g": opt_g.param_groups[0]["lr"],
+            "lr_d": opt_d.param_groups[0]["lr"],
+            "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
+        }
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_state(tmp, step=done, **state)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                    checkpoint_dir_name=f"checkpoint_{done:08d}",
+                )
+        else:
+            ray.train.report(metrics)
+        sums.zero_()
+        window_start, window_steps = time.perf_counter(), 0
+
+
+@dataclass
+class TrainingResult:
+    checkpoint_path: str
+    history: list[dict[str, Any]]
+
+
+def run_training(
+    config: Config,
+    *,
+    shards: list[str],
+    shape: tuple[int, int, int],
+    storage_path: str,
+    name: str,
+    on_report: ReportHandler | None = None,
+    resume_from: str | None = None,
+) -> TrainingResult:
+    """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.callback import UserCallback
+    from ray.util.queue import Queue
+
+    reports: Queue = Queue()
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
+            reports.put((metrics[0], checkpoint.path if checkpoint is not None else None))
+
+    t = config.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "shards": shards,
+            "shape": list(shape),
+            "resume_from": resume_from,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.threads_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[ForwardReports()],
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    history: list[dict[str, Any]] = []
+    while thread.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint_path = reports.get(timeout=0.5)
+        except Exception:  # queue.Empty from the Ray queue actor
+            continue
+        history.append(metrics)
+        if on_report is not None:
+            on_report(metrics, checkpoint_path)
+    thread.join()
+    reports.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return TrainingResult(checkpoint_path=result.checkpoint.path, history=history)
