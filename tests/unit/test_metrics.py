@@ -289,8 +289,10 @@ def test_train_classifier_is_deterministic_and_leaves_global_rng(
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
+    threads = torch.get_num_threads()
     a = train_classifier(x, y, num_classes=10, epochs=1, seed=3)
-    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.equal(torch.rand(1), expected_next)  # global RNG untouched
+    assert torch.get_num_threads() == threads  # thread cap restored
     b = train_classifier(x, y, num_classes=10, epochs=1, seed=3)
     c = train_classifier(x, y, num_classes=10, epochs=1, seed=4)
     for key, value in a.state_dict().items():

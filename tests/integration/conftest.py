@@ -1,0 +1,30 @@
+"""One local Ray instance for all integration tests, and one smoke pipeline run they inspect."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.runner import init_ray, run_pipeline
+from pipelines.steps.default_dag import default_dag
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_session, smoke_workdir):
+    config = load_config("smoke", [f"workdir={smoke_workdir}"])
+    result = run_pipeline(default_dag(), config)
+    return config, result

@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.config import Config, ConfigError, config_from_dict, describe, load_config
+
+
+def test_defaults_are_valid_and_documented():
+    config = load_config()
+    assert config == Config()
+    rows = describe()
+    assert {key for key, *_ in rows} == set(config.flat())
+    assert all(text for *_, text in rows), "every key needs a doc string"
+
+
+def test_presets_and_overrides_apply_in_order():
+    config = load_config("smoke", ["train.workers=1", "optim.lr_g=1e-4", "model.g_norm=batch"])
+    assert config.train.steps == 30  # from the preset
+    assert config.train.workers == 1
+    assert config.optim.lr_g == pytest.approx(1e-4)
+    assert isinstance(config.optim.lr_g, float)
+    assert config.model.g_norm == "batch"
+
+
+def test_round_trip_through_dict():
+    config = load_config("smoke", ["train.seed=7"])
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("train.wrkers=2", ["unknown key", "train.wrkers", "workers"]),
+        ("nope=1", ["unknown key", "nope", "train"]),
+        ("train.workers=two", ["train.workers", "expected int"]),
+        ("train.workers=0", ["train.workers", ">= 1"]),
+        ("optim.lr_g=-0.1", ["optim.lr_g", "> 0"]),
+        ("optim.lr_d=0", ["optim.lr_d", "> 0"]),
+        ("data.resolution=24", ["data.resolution", "8, 16, 32"]),
+        ("data.resolution=4", ["data.resolution", "cannot be built"]),
+        ("model.g_norm=layer", ["model.g_norm", "batch, sync_batch, none"]),
+        ("optim.decay=linear", ["optim.decay", "cosine"]),
+        ("train.batch_size=63", ["train.batch_size", "multiple of train.workers"]),
+        ("data.shards=1", ["data.shards", "train.workers"]),
+        ("train.use_gpu=maybe", ["train.use_gpu", "expected bool"]),
+        ("data.source=/nonexistent/file.npz", ["data.source", "no such file"]),
+        ("eval.grid_size=10", ["eval.grid_size", "square"]),
+        ("train.steps", ["key=value"]),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="smoke"):
+        load_config("nosuchpreset")
+
+
+def test_cli_refuses_bad_config_before_any_ray_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "train.workers=0", f"workdir={tmp_path}/w"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "train.workers must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing was created
+
+
+def test_cli_refuses_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "-c", "smoke", f"workdir={blocker}/sub"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "cannot write to" in result.stderr and "workdir=PATH" in result.stderr
+    assert "Traceback" not in result.stderr
