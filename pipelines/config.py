@@ -41,8 +41,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     latent_dim: int = doc("size of the generator's input noise", 64)
-    g_width: int = doc("generator channels at the last upsampling (doubling towards 4×4)", 64)
-    d_width: int = doc("discriminator channels at the first layer (doubling per layer)", 64)
+    g_width: int = doc("generator channels at the last upsampling (doubling towards 4×4)", 32)
+    d_width: int = doc("discriminator channels at the first layer (doubling per layer)", 32)
     g_norm: str = doc(f"generator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
     d_norm: str = doc(f"discriminator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
 
@@ -62,7 +62,7 @@ class OptimConfig:
 class TrainConfig:
     workers: int = doc("Ray Train data-parallel workers (CPU processes here, GPUs on a cluster)", 2)
     use_gpu: bool = doc("one GPU per worker (NCCL) instead of CPU (gloo)", False)
-    steps: int = doc("training iterations (one D and one G update each)", 1500)
+    steps: int = doc("training iterations (one D and one G update each)", 2000)
     batch_size: int = doc("global batch; each worker takes batch_size / workers", 64)
     threads_per_worker: int = doc("torch intra-op threads in each worker", 1)
     report_every: int = doc("steps between metric reports (and MLflow points)", 50)

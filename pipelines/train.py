@@ -9,6 +9,7 @@ route lets a Tune trial see real checkpoints later.
 from __future__ import annotations
 
 import inspect
+import logging
 import tempfile
 import threading
 import time
@@ -78,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config = config_from_dict(loop_config["config"])
     t = config.train
+    # The driver prints one progress line per report; Ray Train's own per-report INFO is noise.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(t.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -192,7 +195,7 @@ def run_training(
     resume_from: str | None = None,
 ) -> TrainingResult:
     """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
@@ -223,6 +226,8 @@ def run_training(
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[ForwardReports()],
+            # Our own progress line per report replaces Ray Train's per-report INFO dump.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     outcome: dict[str, Any] = {}

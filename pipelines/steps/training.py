@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,11 @@ def train(ctx: StepContext, dataset: str) -> dict[str, Any]:
     manifest = json.loads((Path(dataset) / MANIFEST).read_text())
     shards = [str(Path(dataset) / f["file"]) for f in manifest["splits"]["train"]["files"]]
     t = ctx.config.train
-    started = time.perf_counter()
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         step = int(metrics["step"])
         ctx.logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
-        eta = (time.perf_counter() - started) / step * (t.steps - step)
+        eta = (t.steps - step) * t.batch_size / max(metrics["images_per_s"], 1e-9)
         ctx.log(
             f"step {step}/{t.steps} loss_d {metrics['loss_d']:.3f} loss_g {metrics['loss_g']:.3f} "
             f"D(x) {metrics['d_real']:.2f} D(G(z)) {metrics['d_fake']:.2f} "
