@@ -189,8 +189,6 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         process_group: Any | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
     ) -> None:
         super().__init__(
             num_features,
@@ -200,7 +198,6 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             track_running_stats,
             device=device,
             dtype=dtype,
-            bias=bias,
         )
         self.process_group = process_group
 
@@ -294,7 +291,6 @@ def convert_to_sync_batchnorm(module: nn.Module, process_group: Any = None) -> n
             module.affine,
             module.track_running_stats,
             process_group,
-            bias=module.bias is not None,
         )
         if module.affine:
             with torch.no_grad():
