@@ -20,7 +20,10 @@ def latents_from_seeds(
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count} for seed {seed}")
         rng = torch.Generator().manual_seed(int(seed))
-        parts.append(torch.randn(int(count), latent_dim, generator=rng))
+        # torch's CPU randn fills 16 values at a time but redoes the tail of a tensor whose size
+        # is not a multiple of 16; drawing whole rows of 16 keeps latent i the same for any count.
+        padded = -(-latent_dim // 16) * 16
+        parts.append(torch.randn(int(count), padded, generator=rng)[:, :latent_dim])
     if not parts:
         return torch.zeros(0, latent_dim)
     return torch.cat(parts)
@@ -30,12 +33,12 @@ def latents_from_seeds(
 def generate(generator: nn.Module, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Images in [-1, 1] for ``latents``, computed in chunks; the generator's mode is kept."""
     device = next(generator.parameters()).device
+    if latents.shape[0] == 0:  # keep the image shape: (0, C, H, W)
+        return generator(torch.zeros(1, latents.shape[1], device=device)).cpu()[:0]
     chunks = [
         generator(latents[i : i + batch_size].to(device)).cpu()
         for i in range(0, latents.shape[0], batch_size)
     ]
-    if not chunks:
-        return torch.zeros(0)
     return torch.cat(chunks)
 
 

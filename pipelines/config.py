@@ -255,7 +255,11 @@ def validate(c: Config) -> None:
     for key in ("beta1", "beta2"):
         value = getattr(c.optim, key)
         _require(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}")
-    _require(c.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(
+        0 <= c.optim.warmup_steps < c.train.steps,
+        f"optim.warmup_steps ({c.optim.warmup_steps}) must be >= 0 and below train.steps "
+        f"({c.train.steps})",
+    )
     _require(
         c.optim.decay in DECAYS,
         f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(DECAYS)}",

@@ -32,6 +32,11 @@ def check_resolution(resolution: int) -> None:
         )
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {norm!r}; allowed: {', '.join(NORMALIZATIONS)}")
+
+
 def _num_upsamplings(resolution: int) -> int:
     check_resolution(resolution)
     return int(math.log2(resolution)) - 2
@@ -94,6 +99,7 @@ class Discriminator(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
+        _check_norm(norm)  # at resolution 8 there is no normalized layer to check it
         blocks = _num_upsamplings(resolution)
         widths = [width * 2**i for i in range(blocks)]
         layers: list[nn.Module] = [

@@ -50,6 +50,11 @@ def prepare(ctx: StepContext) -> dict[str, Any]:
         stratify=data.labels,
     )
     train = ImageSet(data.images[train_idx], data.labels[train_idx])
+    if c.shards > len(train):
+        raise ValueError(
+            f"data.shards ({c.shards}) is more than the {len(train)} training images; "
+            "lower data.shards"
+        )
     holdout = ImageSet(data.images[holdout_idx], data.labels[holdout_idx])
     ctx.log(f"{len(data)} images {data.shape}: {len(train)} train, {len(holdout)} held out")
 

@@ -46,6 +46,7 @@ def test_round_trip_through_dict():
         ("train.use_gpu=maybe", ["train.use_gpu", "expected bool"]),
         ("data.source=/nonexistent/file.npz", ["data.source", "no such file"]),
         ("eval.grid_size=10", ["eval.grid_size", "square"]),
+        ("optim.warmup_steps=2000", ["optim.warmup_steps", "below train.steps"]),
         ("train.steps", ["key=value"]),
     ],
 )
