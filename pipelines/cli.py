@@ -101,9 +101,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args.workdir, args.tracking_uri)
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--port", str(args.port)]
-    print(shlex.join(command), flush=True)
-    os.execvp(command[0], command)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} ({shlex.join(command[1:])})", flush=True)
+    os.execv(command[0], command)
     return 0  # not reached
 
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     ui.set_defaults(fn=cmd_ui)
 
     for p in (gen, ui):
