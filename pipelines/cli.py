@@ -9,6 +9,7 @@ import argparse
 import os
 import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from pipelines.config import Config, ConfigError, describe, load_config
@@ -29,9 +30,44 @@ def _tracking_uri(workdir: str, tracking_uri: str | None) -> str:
     return Config(workdir=workdir).resolved_tracking_uri
 
 
+LOCATION_KEYS = ("workdir", "tracking_uri", "experiment")
+
+
+def _resumed_config(config: Config, args: argparse.Namespace) -> Config:
+    """The config an earlier run was started with, found in the store ``config`` points at."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import client_for
+
+    other = [o for o in args.overrides if o.split("=", 1)[0] not in LOCATION_KEYS]
+    if args.config or other:
+        raise ConfigError(
+            "--resume continues a run with the config it was started with; "
+            f"only {', '.join(LOCATION_KEYS)} may be given with it"
+        )
+    try:
+        params = client_for(config).get_run(args.resume).data.params
+    except MlflowException:
+        raise ConfigError(
+            f"--resume: no run {args.resume!r} in {config.resolved_tracking_uri} "
+            "(list them with: ganpipe runs)"
+        ) from None
+    kept = {k: getattr(config, k) for k in LOCATION_KEYS}
+    values = [f"{k}={v}" for k, v in params.items() if k not in LOCATION_KEYS]
+    return load_config(None, values + [f"{k}={v}" for k, v in kept.items()])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.steps.default_dag import default_dag
+
+    dag = default_dag()
     try:
         config = load_config(args.config, args.overrides)
+        unknown = [name for name in args.force if name not in dag.names]
+        if unknown:
+            raise ConfigError(f"--force {unknown[0]}: no such step; steps: {', '.join(dag.names)}")
+        if args.resume:
+            config = _resumed_config(config, args)
     except ConfigError as exc:
         return _fail(f"config: {exc}", 2)
     from pipelines.storage import check_writable
@@ -42,14 +78,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
 
     from pipelines.runner import StepFailed, run_pipeline
-    from pipelines.steps.default_dag import default_dag
 
     try:
-        result = run_pipeline(default_dag(), config)
+        result = run_pipeline(
+            dag,
+            config,
+            resume_run_id=args.resume,
+            force=tuple(args.force),
+            use_cache=not args.no_cache,
+        )
     except StepFailed as exc:
-        return _fail(f"{exc}\n(see the step's run in MLflow: {config.resolved_tracking_uri})")
+        return _fail(
+            f"{exc}\n(see the step's run in MLflow: {config.resolved_tracking_uri}; "
+            "run the same command again to resume)"
+        )
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted; run the same command again to resume", 130)
 
     metrics = result.outputs["evaluate"]["metrics"]
     reg = result.outputs["register"]
@@ -119,6 +163,29 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipelines.steps.default_dag import default_dag
+    from pipelines.tracking import pipeline_runs
+
+    config = Config(
+        workdir=args.workdir,
+        tracking_uri=_tracking_uri(args.workdir, args.tracking_uri),
+        experiment=args.experiment,
+    )
+    steps = default_dag().names
+    runs = pipeline_runs(config, args.limit)
+    if not runs:
+        print(f"no pipeline runs in {config.resolved_tracking_uri} (experiment {args.experiment})")
+        return 0
+    header = f"{'run id':32s}  {'started':16s}  {'status':8s}  " + "  ".join(steps)
+    print(header)
+    for run in runs:
+        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+        cells = [run.data.tags.get(f"ganpipe.step.{name}", "-").ljust(len(name)) for name in steps]
+        print(f"{run.info.run_id:32s}  {started:16s}  {run.info.status:8s}  " + "  ".join(cells))
+    return 0
+
+
 def cmd_dag(args: argparse.Namespace) -> int:
     from pipelines.steps.default_dag import default_dag
 
@@ -136,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="prepare → validate → train → evaluate → register")
     with_config(run)
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted pipeline run")
+    run.add_argument(
+        "--force",
+        metavar="STEP",
+        action="append",
+        default=[],
+        help="run STEP (and all after it) again even if cached; repeatable",
+    )
+    run.add_argument("--no-cache", action="store_true", help="run every step again")
     run.set_defaults(fn=cmd_run)
 
     config = sub.add_parser("config", help="print the resolved config with defaults and docs")
@@ -154,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     ui.set_defaults(fn=cmd_ui)
 
-    for p in (gen, ui):
+    runs = sub.add_parser("runs", help="list pipeline runs with the status of each step")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--experiment", default=Config().experiment)
+    runs.set_defaults(fn=cmd_runs)
+
+    for p in (gen, ui, runs):
         p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the run's workdir")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workdir's store)")
 

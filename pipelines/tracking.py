@@ -22,6 +22,7 @@ PARENT_TAG = "mlflow.parentRunId"
 STEP_TAG = "ganpipe.step"
 FINGERPRINT_TAG = "ganpipe.fingerprint"
 PIPELINE_TAG = "ganpipe.pipeline_run"
+KIND_TAG = "ganpipe.kind"  # "pipeline" on parent runs
 
 
 def client_for(config: Config) -> MlflowClient:
@@ -67,6 +68,12 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.client.log_artifact(self.run_id, str(path))
+
     def log_dict(self, payload: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
@@ -85,7 +92,7 @@ def start_pipeline_run(config: Config, run_name: str | None = None) -> RunLogger
     run = client.create_run(ensure_experiment(config), run_name=run_name)
     logger = RunLogger(config.resolved_tracking_uri, run.info.run_id)
     logger.log_params(config.flat())
-    logger.set_tags({PIPELINE_TAG: run.info.run_id})
+    logger.set_tags({PIPELINE_TAG: run.info.run_id, KIND_TAG: "pipeline"})
     return logger
 
 
@@ -107,3 +114,61 @@ def start_step_run(
     if params:
         logger.log_params(params)
     return logger
+
+
+def reopen_run(config: Config, run_id: str) -> RunLogger:
+    """An earlier pipeline run, marked RUNNING again so that a resume continues it."""
+    client = client_for(config)
+    run = client.get_run(run_id)  # raises if there is no such run
+    if run.data.tags.get(KIND_TAG) != "pipeline":
+        raise ValueError(f"run {run_id} is not a ganpipe pipeline run")
+    client.update_run(run_id, status="RUNNING")
+    return RunLogger(config.resolved_tracking_uri, run_id)
+
+
+def find_finished_step_runs(config: Config, step: str, fingerprint: str) -> list[str]:
+    """Ids of FINISHED runs of ``step`` with ``fingerprint``, newest first (the cache index)."""
+    client = client_for(config)
+    runs = client.search_runs(
+        [ensure_experiment(config)],
+        f"tags.`{STEP_TAG}` = '{step}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    return [r.info.run_id for r in runs]
+
+
+def pipeline_runs(config: Config, max_results: int = 20) -> list[Any]:
+    """The newest pipeline (parent) runs of the experiment."""
+    client = client_for(config)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{KIND_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+    return list(runs)
+
+
+def git_commit() -> str:
+    """The commit of the checkout the code runs from (with ``-dirty``), or ``unknown``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -16,17 +16,11 @@ import torch
 from PIL import Image
 
 from gan.data.arrays import from_model_range, to_model_range
-from gan.metrics import (
-    class_coverage,
-    classifier_accuracy,
-    fit_gaussian,
-    frechet_distance,
-    mean_confidence,
-    train_classifier,
-)
+from gan.metrics import class_coverage, fit_gaussian, frechet_distance, mean_confidence
 from gan.sampling import generate, image_grid, latents_from_seeds
 from gan.state import load_generator_weights
 from pipelines.dag import StepContext
+from pipelines.steps.features import load_classifier
 from pipelines.steps.validate import load_split
 from pipelines.train import build_models
 
@@ -46,22 +40,14 @@ def save_grid(images: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def evaluate(ctx: StepContext, dataset: str, checkpoint: str) -> dict[str, Any]:
+def evaluate(
+    ctx: StepContext, dataset: str, checkpoint: str, classifier: str, accuracy: float
+) -> dict[str, Any]:
     cfg = ctx.config
-    torch.manual_seed(0)
     train_set, manifest = load_split(dataset, "train")
     holdout_set, _ = load_split(dataset, "holdout")
     train_x, holdout_x = to_model_range(train_set.images), to_model_range(holdout_set.images)
-
-    classifier = train_classifier(
-        train_x,
-        train_set.labels,
-        num_classes=manifest["num_classes"],
-        epochs=cfg.eval.classifier_epochs,
-        seed=cfg.data.seed,
-    )
-    accuracy = classifier_accuracy(classifier, holdout_x, holdout_set.labels)
-    ctx.log(f"feature classifier: held-out accuracy {accuracy:.3f}")
+    extractor = load_classifier(classifier)
 
     generator = load_generator(cfg, checkpoint, channels=train_set.shape[0])
     seeds = list(range(EVAL_SEED, EVAL_SEED + cfg.eval.samples))
@@ -71,10 +57,10 @@ def evaluate(ctx: StepContext, dataset: str, checkpoint: str) -> dict[str, Any]:
     baseline = torch.from_numpy(fit_gaussian(train_x.numpy()).sample(cfg.eval.samples, seed=0))
 
     def feats(x: torch.Tensor) -> np.ndarray:
-        return classifier.features(x).numpy().astype(np.float64)
+        return extractor.features(x).numpy().astype(np.float64)
 
     holdout_f = feats(holdout_x)
-    probabilities = classifier.predict_proba(samples).numpy()
+    probabilities = extractor.predict_proba(samples).numpy()
     metrics = {
         "frechet_distance": frechet_distance(feats(samples), holdout_f),
         "frechet_distance_floor": frechet_distance(feats(train_x), holdout_f),

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.dag import StepContext
 from pipelines.registry import apply_alias_policy, log_generator
+from pipelines.tracking import git_commit
 
 
 def register(
@@ -30,6 +31,7 @@ def register(
     for key, value in {
         "ganpipe.pipeline_run": ctx.pipeline_run_id,
         "ganpipe.data_digest": digest,
+        "ganpipe.git_commit": git_commit(),
         **{f"metric.{k}": v for k, v in metrics.items()},
     }.items():
         client.set_model_version_tag(name, version, key, str(value))

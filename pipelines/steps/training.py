@@ -32,8 +32,10 @@ def train(ctx: StepContext, dataset: str) -> dict[str, Any]:
         ctx.config,
         shards=shards,
         shape=tuple(manifest["shape"]),
-        storage_path=str(Path(ctx.config.workdir).resolve() / "ray_results"),
-        name=f"train-{ctx.pipeline_run_id}",
+        # Inside the step's content-addressed folder: a rerun of the same training after a crash
+        # finds Ray Train's checkpoints there and continues from the latest one.
+        storage_path=str(ctx.output_dir / "ray"),
+        name="train",
         on_report=on_report,
     )
     ctx.logger.log_artifact(Path(result.checkpoint_path) / "state.pt", "checkpoint")

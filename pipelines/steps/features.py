@@ -1,0 +1,55 @@
+"""fit_features: the feature-extractor classifier, trained on the dataset's own labels.
+
+It depends only on the data, so it runs while the GAN trains, and its fingerprint does not change
+when only training settings do: a rerun with new learning rates reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gan.data.arrays import to_model_range
+from gan.metrics import DigitClassifier, classifier_accuracy, train_classifier
+from pipelines.dag import StepContext
+from pipelines.steps.validate import load_split
+
+WEIGHTS, SPEC = "classifier.pt", "classifier.json"
+
+
+def fit_features(ctx: StepContext, dataset: str) -> dict[str, Any]:
+    train_set, manifest = load_split(dataset, "train")
+    holdout_set, _ = load_split(dataset, "holdout")
+    spec = {
+        "in_channels": train_set.shape[0],
+        "resolution": train_set.shape[1],
+        "num_classes": manifest["num_classes"],
+        "feature_dim": 64,
+    }
+    classifier = train_classifier(
+        to_model_range(train_set.images),
+        train_set.labels,
+        num_classes=spec["num_classes"],
+        feature_dim=spec["feature_dim"],
+        epochs=ctx.config.eval.classifier_epochs,
+        seed=ctx.config.data.seed,
+    )
+    accuracy = classifier_accuracy(
+        classifier, to_model_range(holdout_set.images), holdout_set.labels
+    )
+    ctx.log(f"feature classifier: held-out accuracy {accuracy:.3f}")
+    ctx.logger.log_metrics({"classifier_accuracy": accuracy})
+    torch.save(classifier.state_dict(), ctx.output_dir / WEIGHTS)
+    (ctx.output_dir / SPEC).write_text(json.dumps(spec))
+    return {"classifier": str(ctx.output_dir), "accuracy": accuracy}
+
+
+def load_classifier(directory: str | Path) -> DigitClassifier:
+    spec = json.loads((Path(directory) / SPEC).read_text())
+    classifier = DigitClassifier(**spec)
+    weights = torch.load(Path(directory) / WEIGHTS, map_location="cpu", weights_only=True)
+    classifier.load_state_dict(weights)
+    return classifier.eval()
