@@ -123,6 +123,13 @@ def reopen_run(config: Config, run_id: str) -> RunLogger:
     if run.data.tags.get(KIND_TAG) != "pipeline":
         raise ValueError(f"run {run_id} is not a ganpipe pipeline run")
     client.update_run(run_id, status="RUNNING")
+    # Step runs the dead driver left RUNNING will never finish: say so.
+    stale = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'",
+    )
+    for step_run in stale:
+        client.set_terminated(step_run.info.run_id, status="KILLED")
     return RunLogger(config.resolved_tracking_uri, run_id)
 
 

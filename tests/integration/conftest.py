@@ -13,7 +13,7 @@ from pipelines.steps.default_dag import default_dag
 def ray_session():
     import ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=3)  # like the embedded default: cores + 1
     yield
     ray.shutdown()
 

@@ -16,7 +16,7 @@ from PIL import Image
 from pipelines.steps.validate import load_split
 
 pytestmark = pytest.mark.integration
-STEPS = ["prepare", "validate", "train", "evaluate", "register"]
+STEPS = ["prepare", "validate", "fit_features", "train", "evaluate", "register"]
 
 
 def test_every_step_is_a_finished_nested_run(smoke_run):
@@ -34,6 +34,49 @@ def test_every_step_is_a_finished_nested_run(smoke_run):
         assert run.info.status == "FINISHED"
         assert len(run.data.tags["ganpipe.fingerprint"]) == 64
         assert run.data.metrics["duration_s"] > 0
+
+
+def test_feature_classifier_trains_while_the_gan_trains(smoke_run):
+    _, result = smoke_run
+    features, train = result.steps["fit_features"], result.steps["train"]
+    assert features.status == train.status == "ran"
+    assert features.started < train.ended and train.started < features.ended
+
+
+def test_model_version_leads_back_to_run_data_and_commit(smoke_run):
+    config, result = smoke_run
+    client = MlflowClient(config.resolved_tracking_uri)
+    version = client.get_model_version(
+        config.register.model_name, result.outputs["register"]["version"]
+    )
+    assert version.tags["ganpipe.pipeline_run"] == result.run_id
+    assert version.tags["ganpipe.data_digest"] == result.outputs["validate"]["digest"]
+    assert len(version.tags["ganpipe.git_commit"].removesuffix("-dirty")) in (40, len("unknown"))
+    dag_text = client.download_artifacts(result.run_id, "dag.md")
+    assert "train --> evaluate" in Path(dag_text).read_text()
+
+
+def test_rerun_with_a_new_learning_rate_reuses_data_and_features(smoke_run):
+    from pipelines.config import load_config
+    from pipelines.runner import run_pipeline
+    from pipelines.steps.default_dag import default_dag
+
+    config, first = smoke_run
+    again = run_pipeline(default_dag(), config)
+    assert {s.status for s in again.steps.values()} == {"cached"}
+    assert again.outputs["register"] == first.outputs["register"]  # no new model version
+
+    changed = load_config("smoke", [f"workdir={config.workdir}", "train.steps=20"])
+    result = run_pipeline(default_dag(), changed)
+    assert {n: s.status for n, s in result.steps.items()} == {
+        "prepare": "cached",
+        "validate": "cached",
+        "fit_features": "cached",
+        "train": "ran",
+        "evaluate": "ran",
+        "register": "ran",
+    }
+    assert result.outputs["register"]["version"] == "2"
 
 
 def test_training_metrics_arrive_per_report(smoke_run):

@@ -87,3 +87,27 @@ def test_cli_refuses_unwritable_workdir(tmp_path):
     assert result.returncode == 2
     assert "cannot write to" in result.stderr and "workdir=PATH" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_refuses_an_unknown_forced_step(tmp_path):
+    result = _cli("run", "--force", "trian", f"workdir={tmp_path}")
+    assert result.returncode == 2
+    assert "--force trian: no such step; steps: prepare, validate, fit_features" in result.stderr
+
+
+def test_cli_refuses_resuming_an_unknown_run(tmp_path):
+    result = _cli("run", "--resume", "0123abcd", f"workdir={tmp_path}")
+    assert result.returncode == 2
+    assert "--resume: no run '0123abcd'" in result.stderr and "ganpipe runs" in result.stderr
+
+
+def test_cli_refuses_overrides_with_resume(tmp_path):
+    result = _cli("run", "--resume", "0123abcd", "optim.lr_g=1", f"workdir={tmp_path}")
+    assert result.returncode == 2
+    assert "only workdir, tracking_uri, experiment may be given" in result.stderr
