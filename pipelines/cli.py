@@ -37,7 +37,7 @@ def _resumed_config(config: Config, args: argparse.Namespace) -> Config:
     """The config an earlier run was started with, found in the store ``config`` points at."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import client_for
+    from pipelines.tracking import KIND_TAG, client_for
 
     other = [o for o in args.overrides if o.split("=", 1)[0] not in LOCATION_KEYS]
     if args.config or other:
@@ -46,12 +46,15 @@ def _resumed_config(config: Config, args: argparse.Namespace) -> Config:
             f"only {', '.join(LOCATION_KEYS)} may be given with it"
         )
     try:
-        params = client_for(config).get_run(args.resume).data.params
+        run = client_for(config).get_run(args.resume)
     except MlflowException:
+        run = None
+    if run is None or run.data.tags.get(KIND_TAG) != "pipeline":
         raise ConfigError(
-            f"--resume: no run {args.resume!r} in {config.resolved_tracking_uri} "
+            f"--resume: no pipeline run {args.resume!r} in {config.resolved_tracking_uri} "
             "(list them with: ganpipe runs)"
-        ) from None
+        )
+    params = run.data.params
     kept = {k: getattr(config, k) for k in LOCATION_KEYS}
     values = [f"{k}={v}" for k, v in params.items() if k not in LOCATION_KEYS]
     return load_config(None, values + [f"{k}={v}" for k, v in kept.items()])
@@ -107,7 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  classes covered       {metrics['class_coverage']:10d}")
     print(f"  mean confidence       {metrics['mean_confidence']:10.3f}")
     print(f"Registered: {reg['model_uri']}  (version {reg['version']}, {reg['alias']})")
-    print("Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.durations.items()))
+    steps = [
+        f"{name} {'cached' if s.status == 'cached' else f'{s.duration:.0f}s'}"
+        for name, s in result.steps.items()
+    ]
+    print("Steps:      " + ", ".join(steps))
     print(f"MLflow UI:  ganpipe ui{workdir_flag}{tracking_flag}")
     print(
         "Sample:     ganpipe generate --model "

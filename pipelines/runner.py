@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -187,13 +188,15 @@ def run_pipeline(
 
     def submit(step: Step, attempt: int, logger: RunLogger | None = None) -> None:
         fp = fingerprints[step.name]
-        inputs = {arg: result.steps[ref.split(".")[0]].outputs[ref.split(".")[1]]
-                  for arg, ref in step.inputs.items()}  # fmt: skip
+        inputs = {}
+        for arg, ref in step.inputs.items():
+            source, output = ref.split(".", 1)
+            inputs[arg] = result.steps[source].outputs[output]
         if logger is None:
             logger = start_step_run(config, parent, step.name, fp, step.params(config))
             logger.set_tags({"ganpipe.cache": "miss", "ganpipe.inputs": json.dumps(inputs)})
-        print(f"[{step.name}] started" + (f" (attempt {attempt})" if attempt > 1 else ""),
-              flush=True)  # fmt: skip
+        suffix = f" (attempt {attempt})" if attempt > 1 else ""
+        print(f"[{step.name}] started{suffix}", flush=True)
         ref = execute.options(
             num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=0, name=step.name
         ).remote(
@@ -248,10 +251,9 @@ def run_pipeline(
     try:
         started_steps: set[str] = set()
         while True:
+            done = {name for name, s in result.steps.items() if s.status in ("ran", "cached")}
             for step in dag.order():
-                ready = step.upstream() <= {n for n, s in result.steps.items() if s.status in
-                                            ("ran", "cached")}  # fmt: skip
-                if step.name in started_steps or not ready:
+                if step.name in started_steps or not step.upstream() <= done:
                     continue
                 started_steps.add(step.name)
                 if not reuse(step):
@@ -275,8 +277,13 @@ def run_pipeline(
                 stop_all(failure)
                 raise failure from None
             finish(step, logger, attempt, started, outputs)
-    except KeyboardInterrupt:
-        stop_all(StepFailed("interrupted", "interrupted"))
+    except StepFailed:
+        raise
+    except BaseException as exc:  # Ctrl-C, or the tracking store or Ray failing under us
+        try:
+            stop_all(StepFailed("driver", f"{type(exc).__name__}: {exc}"))
+        except Exception as cleanup_error:  # the store may be what failed: keep the first error
+            print(f"could not record the stop in MLflow: {cleanup_error}", file=sys.stderr)
         raise
     parent.log_metrics({f"duration_s.{k}": v for k, v in result.durations.items()})
     parent.finish("FINISHED")

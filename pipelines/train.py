@@ -121,8 +121,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = load_state(directory, **state)
-    elif loop_config.get("resume_from"):
-        start = load_state(loop_config["resume_from"], **state)
+        if rank == 0:
+            print(f"[train] resuming from the checkpoint of step {start}", flush=True)
 
     g_inner, d_inner = generator, discriminator
     if world > 1:
@@ -192,9 +192,13 @@ def run_training(
     storage_path: str,
     name: str,
     on_report: ReportHandler | None = None,
-    resume_from: str | None = None,
 ) -> TrainingResult:
-    """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint."""
+    """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint.
+
+    A run with the same ``storage_path`` and ``name`` as an interrupted one continues from its
+    latest checkpoint: Ray Train restores its checkpoint list from storage and the workers load
+    ``ray.train.get_checkpoint()``.
+    """
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.callback import UserCallback
@@ -213,7 +217,6 @@ def run_training(
             "config": config.to_dict(),
             "shards": shards,
             "shape": list(shape),
-            "resume_from": resume_from,
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers,

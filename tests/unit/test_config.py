@@ -104,7 +104,8 @@ def test_cli_refuses_an_unknown_forced_step(tmp_path):
 def test_cli_refuses_resuming_an_unknown_run(tmp_path):
     result = _cli("run", "--resume", "0123abcd", f"workdir={tmp_path}")
     assert result.returncode == 2
-    assert "--resume: no run '0123abcd'" in result.stderr and "ganpipe runs" in result.stderr
+    assert "--resume: no pipeline run '0123abcd'" in result.stderr
+    assert "ganpipe runs" in result.stderr
 
 
 def test_cli_refuses_overrides_with_resume(tmp_path):
