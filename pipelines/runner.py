@@ -251,8 +251,8 @@ def run_pipeline(
     try:
         started_steps: set[str] = set()
         while True:
-            done = {name for name, s in result.steps.items() if s.status in ("ran", "cached")}
-            for step in dag.order():
+            for step in dag.order():  # in order, so a cached step's successors start in this pass
+                done = {n for n, s in result.steps.items() if s.status in ("ran", "cached")}
                 if step.name in started_steps or not step.upstream() <= done:
                     continue
                 started_steps.add(step.name)

@@ -1,8 +1,9 @@
 """MLflow bookkeeping: one parent run per pipeline run, one nested run per step.
 
-Every write goes through an ``MlflowClient`` bound to an explicit run id (no global active run),
-from one process at a time: the driver between steps, the running step's process during it. A
-SQLite store tolerates that; many concurrent writers need a tracking server instead.
+Every write goes through an ``MlflowClient`` bound to an explicit run id (no global active run).
+Few processes write, and rarely: the driver between steps and the steps running at that moment
+(training writes once per report, not once per step). SQLite serialises such writers; many
+concurrent writers (a PBT population) need a tracking server in front of a database instead.
 """
 
 from __future__ import annotations

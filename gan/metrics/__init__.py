@@ -3,19 +3,29 @@ coverage and confidence, and a Gaussian baseline generator to compare against.""
 
 from gan.metrics.classifier import DigitClassifier, classifier_accuracy, train_classifier
 from gan.metrics.coverage import class_coverage, mean_confidence
+from gan.metrics.density_coverage import density_coverage
 from gan.metrics.evaluate import evaluate_samples
 from gan.metrics.frechet import frechet_distance, frechet_distance_from_moments
 from gan.metrics.gaussian_baseline import GaussianBaseline, fit_gaussian
+from gan.metrics.inception_score import classifier_inception_score
+from gan.metrics.kid import kernel_inception_distance
+from gan.metrics.memorization import memorization_ratio
+from gan.metrics.precision_recall import precision_recall
 
 __all__ = [
     "DigitClassifier",
     "GaussianBaseline",
     "class_coverage",
     "classifier_accuracy",
+    "classifier_inception_score",
+    "density_coverage",
     "evaluate_samples",
     "fit_gaussian",
     "frechet_distance",
     "frechet_distance_from_moments",
+    "kernel_inception_distance",
     "mean_confidence",
+    "memorization_ratio",
+    "precision_recall",
     "train_classifier",
 ]
