@@ -109,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  Gaussian baseline     {metrics['frechet_distance_gaussian']:10.3f}")
     print(f"  classes covered       {metrics['class_coverage']:10d}")
     print(f"  mean confidence       {metrics['mean_confidence']:10.3f}")
+    print(f"  KID                   {metrics['kid']:10.4f}")
+    print(f"  precision / recall    {metrics['precision']:10.3f} / {metrics['recall']:.3f}")
+    print(f"  memorization ratio    {metrics['memorization_ratio']:10.3f}  (< 1: closer to "
+          "training images than held-out images are)")  # fmt: skip
     print(f"Registered: {reg['model_uri']}  (version {reg['version']}, {reg['alias']})")
     steps = [
         f"{name} {'cached' if s.status == 'cached' else f'{s.duration:.0f}s'}"

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from gan.data import ON_BAD, detect_format
 from gan.nn.models import check_resolution
 from gan.nn.normalization import NORMALIZATIONS
 from gan.schedules import DECAYS
@@ -31,7 +32,16 @@ def doc(text: str, default: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    source: str = doc("'digits' (scikit-learn's, bundled) or a path to an .npz file", "digits")
+    source: str = doc(
+        "'digits' (scikit-learn's, bundled) or a path: .npz file, MNIST IDX folder, CIFAR-10 "
+        "python folder, Parquet file or folder, image folder (one sub-folder per class)",
+        "digits",
+    )
+    on_bad: str = doc(
+        "unreadable images or empty class folders: fail (stop, naming them) or skip (leave "
+        "them out, listed in the prepare step's skipped_files.json)",
+        "fail",
+    )
     resolution: int = doc("image side in pixels; a power of two from 8 to 256", 16)
     holdout_fraction: float = doc("share of images held out for evaluation, in (0, 1)", 0.2)
     shards: int = doc("Parquet shards of the training split; at least train.workers", 4)
@@ -298,12 +308,14 @@ def validate(c: Config) -> None:
     )
     _require(bool(c.workdir), "workdir must not be empty")
     _require(bool(c.experiment), "experiment must not be empty")
-    if c.data.source != "digits":
-        path = Path(c.data.source).expanduser()
-        _require(
-            path.is_file(),
-            f"data.source: no such file {str(path)!r}; use 'digits' or a path to an .npz file",
-        )
+    _require(
+        c.data.on_bad in ON_BAD,
+        f"data.on_bad: unknown {c.data.on_bad!r}; allowed: {', '.join(ON_BAD)}",
+    )
+    try:
+        detect_format(c.data.source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

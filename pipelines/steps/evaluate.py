@@ -2,7 +2,9 @@
 
 Three Fréchet distances on the same features, against the held-out images: the GAN's samples,
 the training images (the floor: what a perfect generator would get), and samples of one Gaussian
-fitted to the training pixels (the trivial baseline a GAN must beat).
+fitted to the training pixels (the trivial baseline a GAN must beat). Beside them: KID, the
+classifier Inception Score, precision/recall and density/coverage (k nearest neighbours), class
+coverage, and the memorization ratio in pixel space.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ import torch
 from PIL import Image
 
 from gan.data.arrays import from_model_range, to_model_range
-from gan.metrics import class_coverage, fit_gaussian, frechet_distance, mean_confidence
+from gan.metrics import (
+    class_coverage,
+    classifier_inception_score,
+    density_coverage,
+    fit_gaussian,
+    frechet_distance,
+    kernel_inception_distance,
+    mean_confidence,
+    memorization_ratio,
+    precision_recall,
+)
 from gan.sampling import generate, image_grid, latents_from_seeds
 from gan.state import load_generator_weights
 from pipelines.dag import StepContext
@@ -59,15 +71,33 @@ def evaluate(
     def feats(x: torch.Tensor) -> np.ndarray:
         return extractor.features(x).numpy().astype(np.float64)
 
-    holdout_f = feats(holdout_x)
+    holdout_f, samples_f = feats(holdout_x), feats(samples)
     probabilities = extractor.predict_proba(samples).numpy()
+    kid, kid_std = kernel_inception_distance(samples_f, holdout_f)
+    inception, inception_std = classifier_inception_score(probabilities)
+    precision, recall = precision_recall(holdout_f, samples_f)
+    density, coverage = density_coverage(holdout_f, samples_f)
+    flat = [x.reshape(len(x), -1).numpy().astype(np.float64) for x in (train_x, holdout_x, samples)]
+    memorization = memorization_ratio(*flat)
     metrics = {
-        "frechet_distance": frechet_distance(feats(samples), holdout_f),
+        "frechet_distance": frechet_distance(samples_f, holdout_f),
         "frechet_distance_floor": frechet_distance(feats(train_x), holdout_f),
         "frechet_distance_gaussian": frechet_distance(feats(baseline), holdout_f),
         "class_coverage": class_coverage(probabilities),
         "mean_confidence": mean_confidence(probabilities),
         "classifier_accuracy": accuracy,
+        "kid": kid,
+        "kid_std": kid_std,
+        "inception_score": inception,
+        "inception_score_std": inception_std,
+        "precision": precision,
+        "recall": recall,
+        "density": density,
+        "coverage": coverage,
+        # Pixel space: below 1, samples sit closer to training images than unseen real ones do.
+        "memorization_ratio": memorization["ratio"],
+        "sample_to_train_distance": memorization["sample_to_train"],
+        "holdout_to_train_distance": memorization["holdout_to_train"],
     }
     ctx.logger.log_metrics(metrics)
     grid = save_grid(samples[: cfg.eval.grid_size], ctx.output_dir / "samples.png")

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
-from gan.data import ImageSet, load_source
+from gan.data import ImageSet, detect_format, read_source
 from gan.data.shards import content_digest, split_shards, to_table
 from pipelines.dag import StepContext
 from pipelines.storage import atomic_dir, write_json_atomic
@@ -37,7 +37,11 @@ def _write_split(directory: Path, split: str, parts: list[ImageSet]) -> list[dic
 
 def prepare(ctx: StepContext) -> dict[str, Any]:
     c = ctx.config.data
-    data = load_source(c.source, c.resolution)
+    data, skipped = read_source(c.source, c.resolution, on_bad=c.on_bad)
+    if skipped:
+        ctx.log(f"skipped {len(skipped)} bad file(s) (data.on_bad=skip): see skipped_files.json")
+        ctx.logger.log_dict(skipped, "skipped_files.json")
+    ctx.logger.log_metrics({"skipped_files": len(skipped)})
     if len(data) < 4:
         raise ValueError(f"data.source {c.source!r} holds {len(data)} images; need at least 4")
     if data.labels.min() < 0:
@@ -63,6 +67,8 @@ def prepare(ctx: StepContext) -> dict[str, Any]:
         manifest = {
             "format": FORMAT,
             "source": c.source,
+            "source_format": detect_format(c.source),
+            "skipped_files": len(skipped),
             "shape": list(data.shape),
             "num_classes": num_classes,
             "splits": {
