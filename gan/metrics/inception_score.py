@@ -14,20 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import rel_entr
 
-ROW_SUM_ATOL = 1e-3
-
-
-def _check_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    p = np.asarray(probabilities, dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
-        raise ValueError(f"probabilities must be a non-empty (N, C) array, got shape {p.shape}")
-    if not np.isfinite(p).all() or (p < 0).any():
-        raise ValueError("probabilities must be finite and non-negative")
-    if not np.allclose(p.sum(axis=1), 1.0, atol=ROW_SUM_ATOL):
-        raise ValueError(
-            "each row of probabilities must sum to 1 (pass softmax output, not logits)"
-        )
-    return p
+from gan.metrics.coverage import check_probabilities
 
 
 def classifier_inception_score(
@@ -46,7 +33,7 @@ def classifier_inception_score(
     over C classes give exactly C). Raises ValueError on a non-(N, C) array, negative or
     non-finite values, rows that do not sum to 1, or `splits` outside [1, N].
     """
-    p = _check_probabilities(probabilities)
+    p = check_probabilities(probabilities)
     if not 1 <= splits <= p.shape[0]:
         raise ValueError(
             f"splits must be in [1, {p.shape[0]}] (the number of samples), got {splits}"
