@@ -27,8 +27,13 @@ def save_state(
     sched_g: Any,
     sched_d: Any,
     rng: torch.Generator,
+    worker_rngs: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write the whole training state into ``directory`` and return the file path."""
+    """Write the whole training state into ``directory`` and return the file path.
+
+    ``worker_rngs`` holds every data-parallel worker's generator state (index = rank), so that
+    each worker resumes its own stream of batches and noise.
+    """
     path = Path(directory) / STATE_FILE
     torch.save(
         {
@@ -41,6 +46,7 @@ def save_state(
             "sched_d": sched_d.state_dict(),
             "rng": rng.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "worker_rngs": list(worker_rngs or []),
         },
         path,
     )
@@ -69,6 +75,13 @@ def load_state(
     rng.set_state(state["rng"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def load_worker_rng(directory: str | Path, rank: int, world_size: int) -> torch.Tensor | None:
+    """Worker ``rank``'s generator state, if the checkpoint was written by as many workers."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    worker_rngs = state.get("worker_rngs", [])
+    return worker_rngs[rank] if len(worker_rngs) == world_size else None
 
 
 def load_generator_weights(directory: str | Path) -> dict[str, torch.Tensor]:

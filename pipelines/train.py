@@ -28,7 +28,7 @@ from gan.data.arrays import ImageSet, to_model_range
 from gan.data.shards import from_table
 from gan.nn.models import Discriminator, Generator
 from gan.schedules import SchedulePolicy, make_scheduler
-from gan.state import load_state, save_state
+from gan.state import load_state, load_worker_rng, save_state
 from gan.step import train_step
 from pipelines.config import Config, config_from_dict
 
@@ -62,6 +62,15 @@ def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def _gather(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every worker's copy of ``tensor`` (index = rank)."""
+    if world == 1:
+        return [tensor]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, tensor)
+    return gathered
 
 
 def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
@@ -121,6 +130,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = load_state(directory, **state)
+            own_rng = load_worker_rng(directory, rank, world)
+        if own_rng is not None:
+            rng.set_state(own_rng)
+        else:  # written by another number of workers: a fresh stream per rank and step
+            rng.manual_seed(t.seed * 1000 + rank + 7919 * start)
         if rank == 0:
             print(f"[train] resuming from the checkpoint of step {start}", flush=True)
 
@@ -164,9 +178,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
         }
         if done % t.checkpoint_every == 0 or done == t.steps:
+            worker_rngs = _gather(rng.get_state(), world)
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    save_state(tmp, step=done, **state)
+                    save_state(tmp, step=done, worker_rngs=worker_rngs, **state)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,

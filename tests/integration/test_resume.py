@@ -83,4 +83,14 @@ def test_killed_driver_resumes_training_from_its_checkpoint(ray_session, tmp_pat
     # It went on from a checkpoint (every 50 steps) taken before the kill, not from step 0.
     assert 50 < min(resumed_steps) <= max(killed_steps) + 25
     assert max(resumed_steps) == 300
+    # Every worker resumed its own batch and noise stream: where the killed run had already
+    # reported a step past its checkpoint, the resumed run reports the same loss.
+    killed = {
+        m.step: m.value for m in client.get_metric_history(train_runs[0].info.run_id, "loss_d")
+    }
+    resumed = {
+        m.step: m.value for m in client.get_metric_history(train_runs[1].info.run_id, "loss_d")
+    }
+    for step in sorted(set(killed) & set(resumed)):
+        assert resumed[step] == pytest.approx(killed[step], rel=1e-5), step
     assert client.get_run(run_id).info.status == "FINISHED"
