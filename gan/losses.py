@@ -1,9 +1,26 @@
-"""GAN losses on raw discriminator logits."""
+"""GAN losses on raw discriminator logits, and the gradient penalties R1 and WGAN-GP.
+
+Every loss is a pair of functions on raw logits (no sigmoid applied by the network):
+``d_loss(real_logits, fake_logits)`` for the discriminator and ``g_loss(fake_logits)`` for the
+generator. Each term is a mean over its own batch, so real and fake batches may differ in size.
+:func:`get_loss` picks a pair by the names in :data:`LOSSES`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("nonsaturating", "hinge", "wasserstein", "least_squares")
+
+DLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------- non-saturating
 
 
 def nonsaturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -14,3 +31,141 @@ def nonsaturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -
 def nonsaturating_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """-log D(G(z)): the generator's non-saturating loss from Goodfellow et al. (2014)."""
     return F.softplus(-fake_logits).mean()
+
+
+# ---------------------------------------------------------------------------------------- hinge
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean relu(1 - D(x)) + mean relu(1 + D(G(z))) (Lim & Ye 2017; SN-GAN, SAGAN)."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean D(G(z))."""
+    return -fake_logits.mean()
+
+
+# ---------------------------------------------------------------------------------- wasserstein
+
+
+def wasserstein_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean D(G(z)) - mean D(x): the critic's loss of WGAN; pair it with a Lipschitz constraint
+    (``gradient_penalty``, or spectral norm)."""
+    return fake_logits.mean() - real_logits.mean()
+
+
+def wasserstein_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean D(G(z))."""
+    return -fake_logits.mean()
+
+
+# -------------------------------------------------------------------------------- least squares
+
+
+def least_squares_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """LSGAN with a=0, b=1: 0.5 * (mean (D(x) - 1)^2 + mean D(G(z))^2)."""
+    return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
+
+
+def least_squares_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """LSGAN with c=1: 0.5 * mean (D(G(z)) - 1)^2."""
+    return 0.5 * (fake_logits - 1.0).pow(2).mean()
+
+
+_LOSS_FUNCTIONS: dict[str, tuple[DLoss, GLoss]] = {
+    "nonsaturating": (nonsaturating_d_loss, nonsaturating_g_loss),
+    "hinge": (hinge_d_loss, hinge_g_loss),
+    "wasserstein": (wasserstein_d_loss, wasserstein_g_loss),
+    "least_squares": (least_squares_d_loss, least_squares_g_loss),
+}
+assert tuple(_LOSS_FUNCTIONS) == LOSSES
+
+
+def get_loss(name: str) -> tuple[DLoss, GLoss]:
+    """``(d_loss_fn, g_loss_fn)`` of the loss ``name``, one of :data:`LOSSES`."""
+    try:
+        return _LOSS_FUNCTIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}") from None
+
+
+# ------------------------------------------------------------------------------------ penalties
+
+
+def _input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """d(sum logits)/d inputs, kept in the graph so that a penalty on it can be minimized."""
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return grad
+
+
+def r1_from_logits(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean over samples of ||d D(x) / d x||^2, from logits already computed on ``real``.
+
+    ``real`` must require grad and ``real_logits`` be computed from it; this lets a training
+    step reuse its discriminator forward on the reals instead of running one more.
+    """
+    grad = _input_gradient(real_logits, real)
+    return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
+
+
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): 0.5 * E ||grad_x D(x)||^2 over real images.
+
+    The graph is kept (create_graph=True) so that the penalty can be backpropagated to D's
+    parameters. Scale it by gamma (and, for lazy regularization, by the interval).
+    """
+    x = real.detach().requires_grad_(True)
+    return r1_from_logits(discriminator(x), x)
+
+
+def _uniform_per_sample(
+    reference: torch.Tensor, rng: torch.Generator | None = None
+) -> torch.Tensor:
+    """One U[0, 1) value per sample, shaped to broadcast against ``reference``."""
+    shape = (reference.shape[0],) + (1,) * (reference.dim() - 1)
+    if rng is None:
+        return torch.rand(shape, device=reference.device, dtype=reference.dtype)
+    alpha = torch.rand(shape, generator=rng, device=rng.device, dtype=reference.dtype)
+    return alpha.to(reference.device)
+
+
+def gradient_penalty(
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    rng: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): mean (||grad_x D(x_hat)||_2 - 1)^2.
+
+    ``x_hat = alpha * real + (1 - alpha) * fake`` with one alpha ~ U[0, 1) per sample, drawn from
+    ``rng`` (on the generator's own device) or the global RNG. Neither input receives gradient;
+    the graph is kept (create_graph=True) for D's parameters. Multiply by the GP weight (10).
+    """
+    if real.shape != fake.shape:
+        raise ValueError(
+            f"gradient_penalty needs real and fake batches of one shape, got "
+            f"{tuple(real.shape)} and {tuple(fake.shape)}"
+        )
+    alpha = _uniform_per_sample(real, rng)
+    x_hat = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+    grad = _input_gradient(discriminator(x_hat), x_hat)
+    norms = grad.flatten(1).norm(2, dim=1)
+    return (norms - 1.0).pow(2).mean()
+
+
+__all__ = [
+    "LOSSES",
+    "get_loss",
+    "gradient_penalty",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "least_squares_d_loss",
+    "least_squares_g_loss",
+    "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+    "r1_from_logits",
+    "r1_penalty",
+    "wasserstein_d_loss",
+    "wasserstein_g_loss",
+]

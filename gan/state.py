@@ -28,11 +28,13 @@ def save_state(
     sched_d: Any,
     rng: torch.Generator,
     worker_rngs: list[torch.Tensor] | None = None,
+    ema: Any = None,
 ) -> Path:
     """Write the whole training state into ``directory`` and return the file path.
 
     ``worker_rngs`` holds every data-parallel worker's generator state (index = rank), so that
-    each worker resumes its own stream of batches and noise.
+    each worker resumes its own stream of batches and noise. ``ema`` (a GeneratorEMA) is stored
+    as ``generator_ema``: the weights to evaluate and serve.
     """
     path = Path(directory) / STATE_FILE
     torch.save(
@@ -47,6 +49,7 @@ def save_state(
             "rng": rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "worker_rngs": list(worker_rngs or []),
+            **({"generator_ema": ema.state_dict()} if ema is not None else {}),
         },
         path,
     )
@@ -63,6 +66,7 @@ def load_state(
     sched_g: Any,
     sched_d: Any,
     rng: torch.Generator,
+    ema: Any = None,
 ) -> int:
     """Restore everything ``save_state`` wrote; return the step to continue from."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -73,6 +77,8 @@ def load_state(
     sched_g.load_state_dict(state["sched_g"])
     sched_d.load_state_dict(state["sched_d"])
     rng.set_state(state["rng"])
+    if ema is not None and "generator_ema" in state:
+        ema.load_state_dict(state["generator_ema"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 
@@ -85,6 +91,6 @@ def load_worker_rng(directory: str | Path, rank: int, world_size: int) -> torch.
 
 
 def load_generator_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Only the generator's weights from a saved state (what a registered model needs)."""
+    """The generator weights to evaluate and serve: the EMA generator's when there is one."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state["generator"]
+    return state.get("generator_ema", state["generator"])

@@ -15,9 +15,15 @@ from typing import Any
 import yaml
 
 from gan.data import ON_BAD, detect_format
+from gan.losses import LOSSES
 from gan.nn.models import check_resolution
-from gan.nn.normalization import NORMALIZATIONS
-from gan.schedules import DECAYS
+from gan.nn.normalization import DISCRIMINATOR_NORMALIZATIONS, GENERATOR_NORMALIZATIONS
+from gan.optim import OPTIMIZERS
+from gan.schedules import DECAYS, WARMUPS, SchedulePolicy
+
+# Reduce-on-plateau needs an evaluation distance measured during training, which the training
+# loop does not compute yet; the other policies depend on the step alone.
+CONFIG_DECAYS = tuple(d for d in DECAYS if d != "plateau")
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -53,19 +59,53 @@ class ModelConfig:
     latent_dim: int = doc("size of the generator's input noise", 64)
     g_width: int = doc("generator channels at the last upsampling (doubling towards 4×4)", 32)
     d_width: int = doc("discriminator channels at the first layer (doubling per layer)", 32)
-    g_norm: str = doc(f"generator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
-    d_norm: str = doc(f"discriminator normalization: {', '.join(NORMALIZATIONS)}", "sync_batch")
+    g_norm: str = doc(
+        f"generator normalization: {', '.join(GENERATOR_NORMALIZATIONS)}", "sync_batch"
+    )
+    d_norm: str = doc(
+        f"discriminator normalization: {', '.join(DISCRIMINATOR_NORMALIZATIONS)}", "sync_batch"
+    )
+    g_output_norm: bool = doc("normalize G's last hidden layer's output too (DCGAN: no)", False)
+    d_input_norm: bool = doc("normalize after D's first convolution (DCGAN: no)", False)
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = doc("generator Adam learning rate (peak, after warm-up)", 2e-4)
-    lr_d: float = doc("discriminator Adam learning rate (peak, after warm-up)", 2e-4)
-    beta1: float = doc("Adam beta1 for both networks (DCGAN: 0.5)", 0.5)
-    beta2: float = doc("Adam beta2 for both networks", 0.999)
-    warmup_steps: int = doc("linear warm-up steps from lr/warmup_steps to lr", 100)
-    decay: str = doc(f"decay after warm-up: {', '.join(DECAYS)}", "cosine")
-    min_lr_factor: float = doc("learning rate at the last step as a fraction of the peak", 0.1)
+    lr_g: float = doc("generator learning rate (peak, after warm-up)", 2e-4)
+    lr_d: float = doc("discriminator learning rate (peak, after warm-up)", 2e-4)
+    g_optimizer: str = doc(f"generator optimizer: {', '.join(OPTIMIZERS)}", "adam")
+    d_optimizer: str = doc(f"discriminator optimizer: {', '.join(OPTIMIZERS)}", "adam")
+    beta1: float = doc("Adam/AdamW beta1 for both networks (DCGAN: 0.5)", 0.5)
+    beta2: float = doc("Adam/AdamW beta2 for both networks", 0.999)
+    momentum: float = doc("SGD/RMSprop momentum for both networks", 0.9)
+    weight_decay: float = doc("weight decay for both networks (AdamW: decoupled)", 0.0)
+    warmup: str = doc(f"warm-up shape: {', '.join(WARMUPS)}", "linear")
+    warmup_steps: int = doc("warm-up steps, ending at the peak rate", 100)
+    warmup_start_factor: float = doc(
+        "exponential warm-up starts at this fraction of the peak", 0.01
+    )
+    decay: str = doc(f"policy after warm-up: {', '.join(CONFIG_DECAYS)}", "cosine")
+    min_lr_factor: float = doc("floor of every decay, as a fraction of the peak rate", 0.1)
+    gamma: float = doc("step decay: multiply the rate by gamma every step_size steps", 0.5)
+    step_size: int = doc("step decay: steps between two multiplications by gamma", 1000)
+    cycle_low: float = doc("cyclic policies: the low rate as a fraction of the peak", 0.1)
+    cycle_half_steps: int = doc("cyclic policies: steps from the low to the high rate", 500)
+
+
+@dataclass
+class LossConfig:
+    kind: str = doc(f"GAN loss: {', '.join(LOSSES)}", "nonsaturating")
+    gp_weight: float = doc("WGAN-GP gradient penalty weight (0: off; 10 with wasserstein)", 0.0)
+    r1_gamma: float = doc("R1 penalty weight on real images (0: off)", 0.0)
+    r1_interval: int = doc("apply R1 every this many D updates (lazy regularization)", 16)
+    d_steps: int = doc("discriminator updates per generator update", 1)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = doc("keep an exponential moving average of G; evaluate and register it", False)
+    decay: float = doc("EMA decay per step", 0.999)
+    start_step: int = doc("copy G's weights until this step, then average", 0)
 
 
 @dataclass
@@ -78,6 +118,9 @@ class TrainConfig:
     report_every: int = doc("steps between metric reports (and MLflow points)", 50)
     checkpoint_every: int = doc("steps between checkpoints written through Ray Train", 500)
     seed: int = doc("seed of weights and noise", 0)
+    freeze_g_stats_in_d_phase: bool = doc(
+        "G's batch-norm running statistics are not updated by the fakes made for D", False
+    )
 
 
 @dataclass
@@ -102,6 +145,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
@@ -144,6 +189,8 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
+    "loss": LossConfig,
+    "ema": EmaConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "register": RegisterConfig,
@@ -253,11 +300,14 @@ def validate(c: Config) -> None:
     _require(c.data.shards >= 1, "data.shards must be >= 1")
     _require(c.model.latent_dim >= 1, "model.latent_dim must be >= 1")
     _require(c.model.g_width >= 1 and c.model.d_width >= 1, "model.g_width/d_width must be >= 1")
-    for key in ("g_norm", "d_norm"):
+    for key, allowed in (
+        ("g_norm", GENERATOR_NORMALIZATIONS),
+        ("d_norm", DISCRIMINATOR_NORMALIZATIONS),
+    ):
         value = getattr(c.model, key)
         _require(
-            value in NORMALIZATIONS,
-            f"model.{key}: unknown normalization {value!r}; allowed: {', '.join(NORMALIZATIONS)}",
+            value in allowed,
+            f"model.{key}: unknown normalization {value!r}; allowed: {', '.join(allowed)}",
         )
     for key in ("lr_g", "lr_d"):
         value = getattr(c.optim, key)
@@ -270,11 +320,28 @@ def validate(c: Config) -> None:
         f"optim.warmup_steps ({c.optim.warmup_steps}) must be >= 0 and below train.steps "
         f"({c.train.steps})",
     )
+    for key in ("g_optimizer", "d_optimizer"):
+        value = getattr(c.optim, key)
+        _require(
+            value in OPTIMIZERS,
+            f"optim.{key}: unknown optimizer {value!r}; allowed: {', '.join(OPTIMIZERS)}",
+        )
+    _require(c.optim.momentum >= 0, "optim.momentum must be >= 0")
+    _require(c.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _require(
-        c.optim.decay in DECAYS,
-        f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(DECAYS)}",
+        c.optim.warmup in WARMUPS,
+        f"optim.warmup: unknown {c.optim.warmup!r}; allowed: {', '.join(WARMUPS)}",
+    )
+    _require(
+        c.optim.decay in CONFIG_DECAYS,
+        f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(CONFIG_DECAYS)}",
     )
     _require(0 < c.optim.min_lr_factor <= 1, "optim.min_lr_factor must be in (0, 1]")
+    try:
+        schedule_policy(c)
+    except ValueError as exc:
+        raise ConfigError(f"optim: {exc}") from None
+    _validate_loss(c)
     t = c.train
     _require(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
@@ -316,6 +383,44 @@ def validate(c: Config) -> None:
         detect_format(c.data.source)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _validate_loss(c: Config) -> None:
+    loss, ema = c.loss, c.ema
+    _require(loss.kind in LOSSES, f"loss.kind: unknown {loss.kind!r}; allowed: {', '.join(LOSSES)}")
+    _require(loss.gp_weight >= 0, "loss.gp_weight must be >= 0")
+    _require(loss.r1_gamma >= 0, "loss.r1_gamma must be >= 0")
+    _require(loss.r1_interval >= 1, "loss.r1_interval must be >= 1")
+    _require(loss.d_steps >= 1, "loss.d_steps must be >= 1")
+    penalties = loss.gp_weight > 0 or loss.r1_gamma > 0
+    _require(
+        not (penalties and c.model.d_norm in ("batch", "sync_batch")),
+        "loss.gp_weight / loss.r1_gamma: gradient penalties are ill-defined with batch norm in D "
+        f"(model.d_norm={c.model.d_norm}); use model.d_norm=spectral or none",
+    )
+    _require(
+        not (loss.kind == "wasserstein" and loss.gp_weight == 0),
+        "loss.kind=wasserstein needs a Lipschitz constraint: set loss.gp_weight (e.g. 10)",
+    )
+    _require(0 < ema.decay < 1, f"ema.decay must be in (0, 1), got {ema.decay}")
+    _require(ema.start_step >= 0, "ema.start_step must be >= 0")
+
+
+def schedule_policy(config: Config) -> SchedulePolicy:
+    """The learning-rate policy of both networks (each scales its own peak rate)."""
+    o = config.optim
+    return SchedulePolicy(
+        total_steps=config.train.steps,
+        warmup=o.warmup,
+        warmup_steps=o.warmup_steps,
+        warmup_start_factor=o.warmup_start_factor,
+        decay=o.decay,
+        min_factor=o.min_lr_factor,
+        gamma=o.gamma,
+        step_size=o.step_size,
+        cycle_low=o.cycle_low,
+        cycle_half_steps=o.cycle_half_steps,
+    )
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -46,8 +46,10 @@ def generator_spec(config: Any, shape: list[int]) -> dict[str, Any]:
             "channels": int(shape[0]),
             "width": m.g_width,
             "norm": "none" if m.g_norm == "none" else "batch",
+            "g_output_norm": m.g_output_norm,
         },
         "trained_with_norm": m.g_norm,
+        "weights": "ema" if config.ema.enabled else "generator",
         "sampling_mode": "eval",
     }
 

@@ -26,11 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gan.data.arrays import ImageSet, to_model_range
 from gan.data.shards import from_table
+from gan.ema import GeneratorEMA
 from gan.nn.models import Discriminator, Generator
-from gan.schedules import SchedulePolicy, make_scheduler
+from gan.optim import make_optimizer
+from gan.schedules import make_scheduler
 from gan.state import load_state, load_worker_rng, save_state
 from gan.step import train_step
-from pipelines.config import Config, config_from_dict
+from pipelines.config import Config, config_from_dict, schedule_policy
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
 
@@ -43,9 +45,14 @@ def build_models(config: Config, channels: int) -> tuple[Generator, Discriminato
         channels=channels,
         width=m.g_width,
         norm=m.g_norm,
+        g_output_norm=m.g_output_norm,
     )
     discriminator = Discriminator(
-        resolution=config.data.resolution, channels=channels, width=m.d_width, norm=m.d_norm
+        resolution=config.data.resolution,
+        channels=channels,
+        width=m.d_width,
+        norm=m.d_norm,
+        d_input_norm=m.d_input_norm,
     )
     return generator, discriminator
 
@@ -105,17 +112,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator.to(device)
     discriminator.to(device)
     o = config.optim
-    opt_g = torch.optim.Adam(generator.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    policy = SchedulePolicy(
-        total_steps=t.steps,
-        warmup_steps=o.warmup_steps,
-        decay=o.decay,
-        min_factor=o.min_lr_factor,
-    )
+    hyper = dict(betas=(o.beta1, o.beta2), momentum=o.momentum, weight_decay=o.weight_decay)
+    opt_g = make_optimizer(o.g_optimizer, generator.parameters(), lr=o.lr_g, **hyper)
+    opt_d = make_optimizer(o.d_optimizer, discriminator.parameters(), lr=o.lr_d, **hyper)
+    policy = schedule_policy(config)
     sched_g, sched_d = make_scheduler(opt_g, policy), make_scheduler(opt_d, policy)
     rng = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each worker its own noise
+    ema = (
+        GeneratorEMA(generator, decay=config.ema.decay, start_step=config.ema.start_step)
+        if config.ema.enabled
+        else None
+    )
     state = dict(
+        ema=ema,
         generator=generator,
         discriminator=discriminator,
         opt_g=opt_g,
@@ -143,7 +152,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         generator, discriminator = _ddp(generator), _ddp(discriminator)
         state.update(generator=generator, discriminator=discriminator)
 
-    sums = torch.zeros(4)
+    loss = config.loss
+    sums = torch.zeros(6)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, t.steps):
         index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
@@ -157,10 +167,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rng=rng,
             generator_inner=g_inner,
             discriminator_inner=d_inner,
+            loss=loss.kind,
+            gp_weight=loss.gp_weight,
+            r1_gamma=loss.r1_gamma,
+            r1_interval=loss.r1_interval,
+            d_steps=loss.d_steps,
+            step=step,
+            freeze_g_stats_in_d_phase=t.freeze_g_stats_in_d_phase,
+            ema=ema,
         )
         sched_g.step()
         sched_d.step()
-        sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake]).cpu()
+        figures = [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp]
+        sums += torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures]).cpu()
         window_steps += 1
         done = step + 1
         if done % t.report_every and done != t.steps:
@@ -173,6 +192,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loss_g": float(means[1]),
             "d_real": float(means[2]),
             "d_fake": float(means[3]),
+            **({"r1": float(means[4])} if loss.r1_gamma > 0 else {}),
+            **({"gradient_penalty": float(means[5])} if loss.gp_weight > 0 else {}),
             "lr_g": opt_g.param_groups[0]["lr"],
             "lr_d": opt_d.param_groups[0]["lr"],
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),

@@ -23,6 +23,21 @@ def test_presets_and_overrides_apply_in_order():
     assert config.model.g_norm == "batch"
 
 
+def test_optimizer_and_policy_keys_reach_the_schedule():
+    from pipelines.config import schedule_policy
+
+    config = load_config(
+        "smoke",
+        ["optim.g_optimizer=sgd", "optim.decay=cyclic_triangular", "optim.cycle_half_steps=7",
+         "optim.warmup=exponential", "optim.warmup_steps=3"],
+    )  # fmt: skip
+    policy = schedule_policy(config)
+    assert (policy.decay, policy.cycle_half_steps, policy.warmup) == ("cyclic_triangular", 7,
+                                                                      "exponential")  # fmt: skip
+    assert policy.total_steps == config.train.steps
+    assert config.optim.g_optimizer == "sgd" and config.optim.d_optimizer == "adam"
+
+
 def test_round_trip_through_dict():
     config = load_config("smoke", ["train.seed=7"])
     assert config_from_dict(config.to_dict()) == config
@@ -47,6 +62,11 @@ def test_round_trip_through_dict():
         ("data.source=/nonexistent/file.npz", ["data.source", "no such file"]),
         ("eval.grid_size=10", ["eval.grid_size", "square"]),
         ("optim.warmup_steps=2000", ["optim.warmup_steps", "below train.steps"]),
+        ("optim.g_optimizer=lamb", ["optim.g_optimizer", "adam, adamw, rmsprop, sgd"]),
+        ("optim.gamma=2", ["optim:", "gamma", "(0, 1]"]),
+        ("optim.decay=plateau", ["optim.decay", "cyclic_triangular2"]),
+        ("optim.warmup=none", ["optim:", "warmup_steps"]),
+        ("optim.warmup=cubic", ["optim.warmup", "none, linear, exponential"]),
         ("train.steps", ["key=value"]),
     ],
 )

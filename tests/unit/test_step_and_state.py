@@ -9,11 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from gan.losses import nonsaturating_d_loss, nonsaturating_g_loss
+from gan.losses import (
+    get_loss,
+    gradient_penalty,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    r1_penalty,
+    wasserstein_d_loss,
+)
 from gan.nn.models import Discriminator, Generator
 from gan.schedules import SchedulePolicy, make_scheduler
 from gan.state import STATE_FILE, load_generator_weights, load_state, save_state, unwrap
-from gan.step import StepStats, train_step
+from gan.step import StepStats, set_requires_grad, train_step
 
 LATENT = 8
 RES = 8
@@ -406,3 +413,327 @@ def test_worker_rng_states_round_trip_per_rank(tmp_path):
     restored.set_state(load_worker_rng(tmp_path, rank=1, world_size=2))
     assert torch.equal(torch.rand(5, generator=restored), torch.rand(5, generator=streams[1]))
     assert load_worker_rng(tmp_path, rank=0, world_size=3) is None  # other worker count
+
+
+# ------------------------------------------------------------- train_step options (losses, R1, ...)
+
+
+def _old_train_step(
+    *, generator, discriminator, opt_g, opt_d, real, latent_dim, rng=None,
+    generator_inner=None, discriminator_inner=None,
+):  # fmt: skip
+    """A verbatim copy of train_step before the loss/R1/GP/EMA options were added."""
+    g_inner = generator_inner if generator_inner is not None else generator
+    d_inner = discriminator_inner if discriminator_inner is not None else discriminator
+    batch = real.shape[0]
+
+    z = torch.randn(batch, latent_dim, generator=rng, device=real.device)
+    with torch.no_grad():
+        fake = g_inner(z)
+    real_logits = discriminator(real)
+    fake_logits = discriminator(fake)
+    loss_d = nonsaturating_d_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    set_requires_grad(d_inner, False)
+    try:
+        z = torch.randn(batch, latent_dim, generator=rng, device=real.device)
+        loss_g = nonsaturating_g_loss(d_inner(generator(z)))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+    finally:
+        set_requires_grad(d_inner, True)
+
+    return StepStats(
+        loss_d=loss_d.detach(),
+        loss_g=loss_g.detach(),
+        d_real=torch.sigmoid(real_logits.detach()).mean(),
+        d_fake=torch.sigmoid(fake_logits.detach()).mean(),
+    )
+
+
+def _models_with(seed: int, g_norm: str = "batch", d_norm: str = "batch"):
+    torch.manual_seed(seed)
+    g = Generator(latent_dim=LATENT, resolution=RES, width=4, norm=g_norm)
+    d = Discriminator(resolution=RES, width=4, norm=d_norm)
+    return g, d
+
+
+def _full_state(g, d, opt_g, opt_d, rng) -> dict:
+    state = {f"g.{k}": v for k, v in g.state_dict().items()}
+    state.update({f"d.{k}": v for k, v in d.state_dict().items()})
+    for name, opt in (("opt_g", opt_g), ("opt_d", opt_d)):
+        for idx, per_param in opt.state_dict()["state"].items():
+            state.update({f"{name}.{idx}.{k}": v for k, v in per_param.items()})
+    state["rng"] = rng.get_state()
+    return state
+
+
+@pytest.mark.parametrize("explicit_defaults", [False, True])
+@pytest.mark.parametrize(("g_norm", "d_norm"), [("batch", "batch"), ("none", "none")])
+def test_default_call_is_bit_identical_to_the_previous_implementation(
+    g_norm, d_norm, explicit_defaults
+):
+    defaults = dict(
+        loss="nonsaturating", r1_gamma=0.0, r1_interval=1, step=0, gp_weight=0.0, d_steps=1,
+        freeze_g_stats_in_d_phase=False, ema=None,
+    )  # fmt: skip
+    runs = []
+    for step_fn in (_old_train_step, train_step):
+        g, d = _models_with(20, g_norm, d_norm)
+        opt_g, opt_d = _adam(g), _adam(d, lr=1e-3)
+        rng = torch.Generator().manual_seed(21)
+        stats = []
+        for i in range(3):
+            extra = dict(defaults, step=i) if explicit_defaults and step_fn is train_step else {}
+            s = step_fn(
+                generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=_real(i),
+                latent_dim=LATENT, rng=rng, **extra,
+            )  # fmt: skip
+            stats.append((s.loss_d, s.loss_g, s.d_real, s.d_fake))
+        runs.append((stats, _full_state(g, d, opt_g, opt_d, rng)))
+    (old_stats, old_state), (new_stats, new_state) = runs
+    for old, new in zip(old_stats, new_stats, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+    assert old_state.keys() == new_state.keys()
+    for k in old_state:
+        assert torch.equal(old_state[k], new_state[k]), k
+
+
+def test_step_stats_stay_positionally_compatible():
+    s = StepStats(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.4))
+    assert s.loss_d.item() == 1.0 and s.d_fake.item() == pytest.approx(0.4)
+    assert s.r1.item() == 0.0 and s.gp.item() == 0.0
+    g, d = _models(22)
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert stats.r1.item() == 0.0 and stats.gp.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("loss", "gp_weight", "d_norm"),
+    [
+        ("hinge", 0.0, "batch"),
+        ("hinge", 0.0, "spectral"),
+        ("wasserstein", 10.0, "none"),
+        ("least_squares", 0.0, "batch"),
+        ("nonsaturating", 0.0, "spectral"),
+    ],
+)
+def test_other_losses_train_both_networks_with_the_chosen_loss(loss, gp_weight, d_norm):
+    g, d = _models_with(23, d_norm=d_norm)
+    g_before, d_before = _params(g), _params(d)
+    real = _real()
+    z = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        fake = copy.deepcopy(g)(z)
+        d_copy = copy.deepcopy(d)
+        real_logits, fake_logits = d_copy(real), d_copy(fake)
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=real,
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(24), loss=loss, gp_weight=gp_weight,
+    )  # fmt: skip
+    assert all(_changed(g_before, g).values())
+    changed = _changed(d_before, d)
+    # Hinge (with logits inside the margin) and Wasserstein give the output bias a zero gradient:
+    # it adds the same constant to real and fake logits.
+    output_bias = f"net.{len(d.net) - 1}.bias"
+    assert all(v for k, v in changed.items() if k != output_bias), changed
+    d_loss_fn, _ = get_loss(loss)
+    torch.testing.assert_close(stats.loss_d, d_loss_fn(real_logits, fake_logits))
+    for name in ("loss_d", "loss_g", "d_real", "d_fake", "r1", "gp"):
+        value = getattr(stats, name)
+        assert value.shape == () and not value.requires_grad and math.isfinite(value.item())
+    assert (stats.gp.item() > 0) == (gp_weight > 0)
+    assert stats.r1.item() == 0.0
+
+
+def test_gradient_penalty_enters_the_discriminator_gradient_with_its_weight():
+    g, d = _models_with(25, d_norm="none")
+    g_snapshot, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=torch.optim.SGD(d.parameters(), 0.0),
+        real=real, latent_dim=LATENT, rng=torch.Generator().manual_seed(26), loss="wasserstein",
+        gp_weight=10.0,
+    )  # fmt: skip
+    rng = torch.Generator().manual_seed(26)
+    z = torch.randn(BATCH, LATENT, generator=rng)
+    with torch.no_grad():
+        fake = g_snapshot(z)
+    gp = gradient_penalty(d_ref, real, fake, rng)  # draws alpha right after the D-phase noise
+    (wasserstein_d_loss(d_ref(real), d_ref(fake)) + 10.0 * gp).backward()
+    torch.testing.assert_close(stats.gp, gp.detach())
+    for (name, p), (_, p_ref) in zip(d.named_parameters(), d_ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def _r1_setup(seed: int):
+    g, d = _models_with(seed, d_norm="none")
+    opt_d = torch.optim.SGD(d.parameters(), lr=1e-2)
+    return g, d, _adam(g), opt_d, torch.Generator().manual_seed(1)
+
+
+def test_r1_is_applied_only_on_interval_steps():
+    interval, gamma = 3, 2.0
+    with_r1, without = _r1_setup(27), _r1_setup(27)
+    for step in range(5):
+        real = _real(step)
+        results = []
+        for (g, d, opt_g, opt_d, rng), r1_gamma in ((with_r1, gamma), (without, 0.0)):
+            s = train_step(
+                generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=real,
+                latent_dim=LATENT, rng=rng, step=step, r1_gamma=r1_gamma, r1_interval=interval,
+            )  # fmt: skip
+            results.append((s, {k: p.grad.clone() for k, p in d.named_parameters()}))
+        (s_r1, grads_r1), (s_plain, grads_plain) = results
+        applied = step % interval == 0
+        assert (s_r1.r1.item() > 0) == applied, step
+        assert s_plain.r1.item() == 0.0
+        if step == 0:  # same weights so far: R1 is the only difference in D's gradient
+            assert any(not torch.equal(grads_r1[k], grads_plain[k]) for k in grads_r1)
+    # Off-interval steps leave the loss alone: with equal weights the step is bit-identical.
+    a, b = _r1_setup(28), _r1_setup(28)
+    for (g, d, opt_g, opt_d, rng), r1_gamma in ((a, gamma), (b, 0.0)):
+        train_step(
+            generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=_real(), step=4,
+            latent_dim=LATENT, rng=rng, r1_gamma=r1_gamma, r1_interval=interval,
+        )  # fmt: skip
+    for (name, p), (_, q) in zip(a[1].named_parameters(), b[1].named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_r1_enters_the_discriminator_gradient_scaled_by_the_interval():
+    interval, gamma = 4, 0.5
+    g, d = _models_with(29, d_norm="none")
+    g_snapshot, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=torch.optim.SGD(d.parameters(), 0.0),
+        real=real, latent_dim=LATENT, rng=torch.Generator().manual_seed(30), step=8,
+        r1_gamma=gamma, r1_interval=interval,
+    )  # fmt: skip
+    z = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(30))
+    with torch.no_grad():
+        fake = g_snapshot(z)
+    r1 = r1_penalty(d_ref, real)
+    (nonsaturating_d_loss(d_ref(real), d_ref(fake)) + gamma * interval * r1).backward()
+    torch.testing.assert_close(stats.r1, r1.detach())
+    for (name, p), (_, p_ref) in zip(d.named_parameters(), d_ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    assert not real.requires_grad
+
+
+class _CountingSGD(torch.optim.SGD):
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_d_steps_updates_the_discriminator_that_many_times_with_fresh_noise():
+    g, d = _models(31)
+    g_snapshot, d_snapshot = copy.deepcopy(g), copy.deepcopy(d)
+    opt_d, opt_g = _CountingSGD(d.parameters(), lr=0.0), _CountingSGD(g.parameters(), lr=0.0)
+    rng = torch.Generator().manual_seed(32)
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=real, latent_dim=LATENT,
+        rng=rng, d_steps=2,
+    )  # fmt: skip
+    assert (opt_d.steps, opt_g.steps) == (2, 1)
+    reference = torch.Generator().manual_seed(32)
+    zs = [torch.randn(BATCH, LATENT, generator=reference) for _ in range(3)]
+    assert torch.equal(rng.get_state(), reference.get_state())  # 2 D batches + 1 G batch
+    with torch.no_grad():  # lr=0: D and G are the same for both D updates
+        losses = [nonsaturating_d_loss(d_snapshot(real), d_snapshot(g_snapshot(z))) for z in zs[:2]]
+    assert not torch.equal(losses[0], losses[1])
+    torch.testing.assert_close(stats.loss_d, (losses[0] + losses[1]) / 2)
+
+    # With a learning rate, D moves twice: unlike one update, and unlike d_steps=1.
+    runs = {}
+    for d_steps in (1, 2):
+        g, d = _models(33)
+        opt_d = _CountingSGD(d.parameters(), lr=0.1)
+        train_step(
+            generator=g, discriminator=d, opt_g=_adam(g), opt_d=opt_d, real=real,
+            latent_dim=LATENT, rng=torch.Generator().manual_seed(34), d_steps=d_steps,
+        )  # fmt: skip
+        runs[d_steps] = (opt_d.steps, _params(d))
+    assert runs[1][0] == 1 and runs[2][0] == 2
+    assert all(not torch.equal(runs[1][1][k], runs[2][1][k]) for k in runs[1][1])
+
+
+class _RecordingD(nn.Module):
+    """Wraps D for the D phase; records each input and G's batch-norm buffers at that moment."""
+
+    def __init__(self, inner: nn.Module, generator: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self._g = [generator]
+        self.calls: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffers = {k: v.clone() for k, v in self._g[0].named_buffers()}
+        self.calls.append((x.detach().clone(), buffers))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("g_norm", ["batch", "sync_batch"])
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freezing_g_statistics_in_the_discriminator_phase(freeze, g_norm):
+    g, d = _models_with(35, g_norm=g_norm)
+    g(torch.randn(BATCH, LATENT))  # running statistics away from their initial values
+    before = {k: v.clone() for k, v in g.named_buffers()}
+    train_mode_g = copy.deepcopy(g)
+    recorder = _RecordingD(d, g)
+    train_step(
+        generator=g, discriminator=recorder, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(36), discriminator_inner=d,
+        freeze_g_stats_in_d_phase=freeze,
+    )  # fmt: skip
+    assert len(recorder.calls) == 2  # real, then fake; the G phase used the inner D
+    fake, g_buffers_after_d_phase = recorder.calls[1]
+    z = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(36))
+    with torch.no_grad():
+        expected_fake = train_mode_g(z)  # training mode: batch statistics
+    assert torch.equal(fake, expected_fake)
+    unchanged = [torch.equal(g_buffers_after_d_phase[k], before[k]) for k in before]
+    if freeze:
+        assert all(unchanged)
+        assert all(m.track_running_stats for m in g.modules() if hasattr(m, "track_running_stats"))
+    else:
+        assert not all(unchanged)
+    # The G phase still updates them, once.
+    assert int(g.net[1].num_batches_tracked) == int(before["net.1.num_batches_tracked"]) + (
+        1 if freeze else 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "wgan"}, "unknown loss 'wgan'"),
+        ({"r1_gamma": -1.0}, "r1_gamma"),
+        ({"gp_weight": -1.0}, "gp_weight"),
+        ({"r1_interval": 0}, "r1_interval"),
+        ({"d_steps": 0}, "d_steps"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_changes(kwargs, match):
+    g, d = _models(37)
+    g_before, d_before = _params(g), _params(d)
+    with pytest.raises(ValueError, match=match):
+        train_step(
+            generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+            latent_dim=LATENT, **kwargs,
+        )  # fmt: skip
+    assert not any(_changed(g_before, g).values()) and not any(_changed(d_before, d).values())
