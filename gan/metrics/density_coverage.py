@@ -20,10 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gan.metrics.checks import check_feature_set, check_same_dimension
 from gan.metrics.precision_recall import (
-    check_feature_set,
     check_k,
-    check_same_dimension,
     distance_chunks,
     knn_radii,
 )

@@ -11,23 +11,10 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from gan.metrics.checks import check_feature_set, check_same_dimension
+
 EPS = 1e-6
 IMAG_ATOL = 1e-3
-
-
-def _check_features(name: str, features: np.ndarray) -> np.ndarray:
-    arr = np.asarray(features, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {arr.shape}")
-    if arr.shape[0] < 2:
-        raise ValueError(
-            f"{name} needs at least 2 rows to estimate a covariance, got {arr.shape[0]}"
-        )
-    if arr.shape[1] < 1:
-        raise ValueError(f"{name} has no feature columns")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
 
 
 def frechet_distance_from_moments(
@@ -71,10 +58,10 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     Lower is better; 0 means identical first and second moments. Raises ValueError on non-2-D
     input, mismatched feature dimensions or fewer than 2 rows per set.
     """
-    a = _check_features("features_a", features_a)
-    b = _check_features("features_b", features_b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    covariance = " to estimate a covariance"
+    a = check_feature_set("features_a", features_a, min_rows=2, purpose=covariance)
+    b = check_feature_set("features_b", features_b, min_rows=2, purpose=covariance)
+    check_same_dimension(features_a=a, features_b=b)
     return frechet_distance_from_moments(
         a.mean(axis=0), np.cov(a, rowvar=False), b.mean(axis=0), np.cov(b, rowvar=False)
     )

@@ -13,23 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from gan.metrics.checks import check_feature_set, check_same_dimension
+
 MIN_ROWS = 2  # the unbiased estimator divides by m (m - 1)
-
-
-def _check_features(name: str, features: np.ndarray) -> np.ndarray:
-    arr = np.asarray(features, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {arr.shape}")
-    if arr.shape[0] < MIN_ROWS:
-        raise ValueError(
-            f"{name} needs at least {MIN_ROWS} rows for the unbiased MMD² estimator, "
-            f"got {arr.shape[0]}"
-        )
-    if arr.shape[1] < 1:
-        raise ValueError(f"{name} has no feature columns")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -76,10 +62,10 @@ def kernel_inception_distance(
     input, mismatched feature dimensions, fewer than 2 rows, or non-positive `subsets` or
     `subset_size` < 2.
     """
-    a = _check_features("features_a", features_a)
-    b = _check_features("features_b", features_b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    estimator = " for the unbiased MMD² estimator"
+    a = check_feature_set("features_a", features_a, min_rows=MIN_ROWS, purpose=estimator)
+    b = check_feature_set("features_b", features_b, min_rows=MIN_ROWS, purpose=estimator)
+    check_same_dimension(features_a=a, features_b=b)
     if subsets < 1:
         raise ValueError(f"subsets must be at least 1, got {subsets!r}")
     if subset_size < MIN_ROWS:

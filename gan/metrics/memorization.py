@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gan.metrics.checks import check_feature_set, check_same_dimension
 from gan.metrics.precision_recall import (
-    check_feature_set,
-    check_same_dimension,
     nearest_neighbour_distances,
 )
 
