@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gan.data.arrays import ImageSet, to_model_range
-from gan.data.shards import from_table
+from gan.data.arrays import to_model_range
+from gan.data.shards import concat, read_shard
 from gan.ema import GeneratorEMA
 from gan.nn.models import Discriminator, Generator
 from gan.optim import make_optimizer
@@ -55,13 +53,6 @@ def build_models(config: Config, channels: int) -> tuple[Generator, Discriminato
         d_input_norm=m.d_input_norm,
     )
     return generator, discriminator
-
-
-def read_shards(paths: list[str], shape: tuple[int, int, int]) -> ImageSet:
-    parts = [from_table(pq.read_table(p), shape) for p in paths]
-    return ImageSet(
-        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
-    )
 
 
 def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
@@ -104,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shape = tuple(loop_config["shape"])
     own_shards = loop_config["shards"][rank::world]
-    data = to_model_range(read_shards(own_shards, shape).images)
+    data = to_model_range(concat([read_shard(p, shape) for p in own_shards]).images)
     local_batch = t.batch_size // world
 
     torch.manual_seed(t.seed)  # identical initial weights on every worker

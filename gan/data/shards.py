@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gan.data.arrays import ImageSet
 
@@ -27,6 +30,18 @@ def from_table(table: pa.Table, shape: tuple[int, int, int]) -> ImageSet:
     images = pixels.reshape(len(table), *shape)
     labels = table.column("label").to_numpy().astype(np.int64)
     return ImageSet(images, labels)
+
+
+def read_shard(path: str | Path, shape: tuple[int, int, int]) -> ImageSet:
+    """One Parquet shard file of images shaped ``shape`` (C, H, W)."""
+    return from_table(pq.read_table(path), shape)
+
+
+def concat(parts: Sequence[ImageSet]) -> ImageSet:
+    """The parts one after another, as one set."""
+    return ImageSet(
+        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+    )
 
 
 def content_digest(data: ImageSet) -> str:

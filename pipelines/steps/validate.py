@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from gan.data import ImageSet
-from gan.data.shards import content_digest, from_table
+from gan.data.shards import concat, content_digest, read_shard
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import FORMAT, MANIFEST
 
@@ -35,13 +34,11 @@ def load_split(dataset: str | Path, split: str) -> tuple[ImageSet, dict[str, Any
         path = directory / f["file"]
         if not path.is_file():
             raise DatasetInvalid(f"{path}: shard listed in the manifest is missing")
-        part = from_table(pq.read_table(path), shape)
+        part = read_shard(path, shape)
         if len(part) != f["rows"]:
             raise DatasetInvalid(f"{path}: {len(part)} rows, manifest says {f['rows']}")
         parts.append(part)
-    data = ImageSet(
-        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
-    )
+    data = concat(parts)
     if content_digest(data) != entry["digest"]:
         raise DatasetInvalid(f"{directory}: {split} content digest differs from the manifest")
     return data, manifest
