@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,6 @@ from gan.state import load_generator_weights
 PYFUNC_FILE = Path(__file__).with_name("generator_pyfunc.py")
 DISTANCE_TAG = "frechet_distance"
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-@dataclass
-class Registered:
-    name: str
-    version: str
-    alias: str
-    model_uri: str  # models:/name@alias at the time of registration
-
-    @property
-    def version_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 def generator_spec(config: Any, shape: list[int]) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def run_pipeline(
             source, output = ref.split(".", 1)
             inputs[arg] = result.steps[source].outputs[output]
         if logger is None:
-            logger = start_step_run(config, parent, step.name, fp, step.params(config))
+            logger = start_step_run(parent, step.name, fp, step.params(config))
             logger.set_tags({"ganpipe.cache": "miss", "ganpipe.inputs": json.dumps(inputs)})
         suffix = f" (attempt {attempt})" if attempt > 1 else ""
         print(f"[{step.name}] started{suffix}", flush=True)
@@ -210,11 +210,11 @@ def run_pipeline(
         if not use_cache or step.name in rerun:
             return False
         outputs = _finished_outputs(output_dir(config, step.name, fp), fp)
-        previous = find_finished_step_runs(config, step.name, fp) if outputs is not None else []
+        previous = find_finished_step_runs(parent, step.name, fp) if outputs is not None else []
         if not previous:
             return False
         now = time.time()
-        logger = start_step_run(config, parent, step.name, fp, step.params(config))
+        logger = start_step_run(parent, step.name, fp, step.params(config))
         logger.set_tags({"ganpipe.cache": "hit", "ganpipe.cached_from": previous[0]})
         logger.log_dict(outputs, "outputs.json")
         logger.finish("FINISHED")

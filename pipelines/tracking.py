@@ -45,9 +45,10 @@ def ensure_experiment(config: Config) -> str:
 class RunLogger:
     """Writes to one MLflow run; safe to pickle into a Ray task (it holds only strings)."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, experiment_id: str = "") -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.experiment_id = experiment_id
 
     @property
     def client(self) -> MlflowClient:
@@ -84,25 +85,22 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
-    def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
-
 
 def start_pipeline_run(config: Config, run_name: str | None = None) -> RunLogger:
     client = client_for(config)
     run = client.create_run(ensure_experiment(config), run_name=run_name)
-    logger = RunLogger(config.resolved_tracking_uri, run.info.run_id)
+    logger = RunLogger(config.resolved_tracking_uri, run.info.run_id, run.info.experiment_id)
     logger.log_params(config.flat())
     logger.set_tags({PIPELINE_TAG: run.info.run_id, KIND_TAG: "pipeline"})
     return logger
 
 
 def start_step_run(
-    config: Config, parent: RunLogger, step: str, fingerprint: str, params: dict[str, Any]
+    parent: RunLogger, step: str, fingerprint: str, params: dict[str, Any]
 ) -> RunLogger:
-    client = client_for(config)
-    run = client.create_run(
-        ensure_experiment(config),
+    """A run of ``step`` nested under the pipeline run ``parent``, in its experiment."""
+    run = parent.client.create_run(
+        parent.experiment_id,
         run_name=step,
         tags={
             PARENT_TAG: parent.run_id,
@@ -111,7 +109,7 @@ def start_step_run(
             FINGERPRINT_TAG: fingerprint,
         },
     )
-    logger = RunLogger(config.resolved_tracking_uri, run.info.run_id)
+    logger = RunLogger(parent.tracking_uri, run.info.run_id, parent.experiment_id)
     if params:
         logger.log_params(params)
     return logger
@@ -131,14 +129,14 @@ def reopen_run(config: Config, run_id: str) -> RunLogger:
     )
     for step_run in stale:
         client.set_terminated(step_run.info.run_id, status="KILLED")
-    return RunLogger(config.resolved_tracking_uri, run_id)
+    return RunLogger(config.resolved_tracking_uri, run_id, run.info.experiment_id)
 
 
-def find_finished_step_runs(config: Config, step: str, fingerprint: str) -> list[str]:
-    """Ids of FINISHED runs of ``step`` with ``fingerprint``, newest first (the cache index)."""
-    client = client_for(config)
-    runs = client.search_runs(
-        [ensure_experiment(config)],
+def find_finished_step_runs(parent: RunLogger, step: str, fingerprint: str) -> list[str]:
+    """Ids of FINISHED runs of ``step`` with ``fingerprint`` in the experiment of ``parent``,
+    newest first (the cache index)."""
+    runs = parent.client.search_runs(
+        [parent.experiment_id],
         f"tags.`{STEP_TAG}` = '{step}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}' "
         "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
