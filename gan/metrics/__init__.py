@@ -7,6 +7,7 @@ from gan.metrics.density_coverage import density_coverage
 from gan.metrics.evaluate import evaluate_samples
 from gan.metrics.frechet import frechet_distance, frechet_distance_from_moments
 from gan.metrics.gaussian_baseline import GaussianBaseline, fit_gaussian
+from gan.metrics.inception import FIDInceptionV3, InceptionWeightsError, load_inception_extractor
 from gan.metrics.inception_score import classifier_inception_score
 from gan.metrics.kid import kernel_inception_distance
 from gan.metrics.memorization import memorization_ratio
@@ -14,7 +15,9 @@ from gan.metrics.precision_recall import precision_recall
 
 __all__ = [
     "DigitClassifier",
+    "FIDInceptionV3",
     "GaussianBaseline",
+    "InceptionWeightsError",
     "class_coverage",
     "classifier_accuracy",
     "classifier_inception_score",
@@ -24,6 +27,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_moments",
     "kernel_inception_distance",
+    "load_inception_extractor",
     "mean_confidence",
     "memorization_ratio",
     "precision_recall",
