@@ -73,9 +73,13 @@ def check_backend(uri: str) -> None:
     try:
         engine = create_engine(url, connect_args=connect_args)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        hint = ""
+        if url.get_backend_name() == "postgresql":
+            # SQLAlchemy 2.1 reads postgresql:// as psycopg (3), 2.0 as psycopg2; ganpipe
+            # installs psycopg, which postgresql+psycopg:// selects on either.
+            hint = "; pip install 'psycopg[binary]' and write the URI as postgresql+psycopg://…"
         raise BackendUnavailable(
-            f"backend store {redact(uri)}: its database driver is not installed ({exc}); "
-            "for PostgreSQL: pip install 'psycopg[binary]'"
+            f"backend store {redact(uri)}: its database driver is not installed ({exc}){hint}"
         ) from None
     try:
         with engine.connect() as connection:
