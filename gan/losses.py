@@ -1,4 +1,5 @@
-"""GAN losses on raw discriminator logits, and the gradient penalties R1 and WGAN-GP.
+"""GAN losses on raw discriminator logits, the gradient penalties R1 and WGAN-GP, and the
+small-data regularizers LeCam and consistency (bCR).
 
 Every loss is a pair of functions on raw logits (no sigmoid applied by the network):
 ``d_loss(real_logits, fake_logits)`` for the discriminator and ``g_loss(fake_logits)`` for the
@@ -154,8 +155,88 @@ def gradient_penalty(
     return (norms - 1.0).pow(2).mean()
 
 
+# ------------------------------------------------------------------------------ regularizers
+
+
+def consistency_penalty(logits: torch.Tensor, augmented_logits: torch.Tensor) -> torch.Tensor:
+    """Consistency regularization (bCR, Zhao et al. 2020): mean (D(x) - D(T(x)))^2.
+
+    Both sides keep their graph: D is pulled towards the same output for an image and its
+    augmentation. Multiply by the consistency weight.
+    """
+    if logits.shape != augmented_logits.shape:
+        raise ValueError(
+            f"consistency_penalty needs logits of one shape, got {tuple(logits.shape)} and "
+            f"{tuple(augmented_logits.shape)}"
+        )
+    return (logits - augmented_logits).pow(2).mean()
+
+
+def lecam_penalty(
+    real_logits: torch.Tensor,
+    fake_logits: torch.Tensor,
+    anchor_real: torch.Tensor | float,
+    anchor_fake: torch.Tensor | float,
+) -> torch.Tensor:
+    """LeCam regularization (Tseng et al. 2021): mean relu(D(x) - a_F)^2 + mean relu(a_R -
+    D(G(z)))^2, with a_R and a_F moving averages of D's outputs on reals and fakes.
+
+    The paper writes the terms without the relu; its authors' code (and PyTorch-StudioGAN) keep
+    it, penalizing only real logits above the fake anchor and fake logits below the real one,
+    i.e. only the part of D's output that separates the two. This is the code's form.
+    """
+    return (
+        F.relu(real_logits - anchor_fake).pow(2).mean()
+        + F.relu(anchor_real - fake_logits).pow(2).mean()
+    )
+
+
+class LeCamAnchors:
+    """The moving averages a_R and a_F of D's mean output on reals and fakes for
+    :func:`lecam_penalty`, kept across training steps (and in the checkpoint).
+
+    The first :meth:`update` sets them to the observed means (no bias towards an arbitrary start
+    value); later ones average with ``decay`` (0.99, as the LeCam paper). They stay tensors on
+    the logits' device, so updating them never waits for the accelerator. With data-parallel
+    workers each worker averages its own logits; the anchors only shift the penalty's
+    threshold, and the gradients are averaged anyway.
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.real: torch.Tensor | None = None
+        self.fake: torch.Tensor | None = None
+
+    def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
+        real, fake = real_logits.detach().mean(), fake_logits.detach().mean()
+        if self.real is None or self.fake is None:
+            self.real, self.fake = real, fake
+            return
+        self.real = self.decay * self.real.to(real.device) + (1.0 - self.decay) * real
+        self.fake = self.decay * self.fake.to(fake.device) + (1.0 - self.decay) * fake
+
+    def state_dict(self) -> dict[str, torch.Tensor | float | None]:
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {"decay": self.decay, "real": cpu(self.real), "fake": cpu(self.fake)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | float | None]) -> None:
+        missing = [k for k in ("decay", "real", "fake") if k not in state]
+        if missing:
+            raise ValueError(f"not a LeCamAnchors state: missing {', '.join(missing)}")
+        self.decay = float(state["decay"])  # type: ignore[arg-type]
+        self.real = None if state["real"] is None else torch.as_tensor(state["real"]).clone()
+        self.fake = None if state["fake"] is None else torch.as_tensor(state["fake"]).clone()
+
+
 __all__ = [
     "LOSSES",
+    "LeCamAnchors",
+    "consistency_penalty",
+    "lecam_penalty",
     "get_loss",
     "gradient_penalty",
     "hinge_d_loss",

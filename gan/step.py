@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -9,7 +10,14 @@ import torch
 from torch import nn
 
 from gan.ema import GeneratorEMA
-from gan.losses import get_loss, gradient_penalty, r1_from_logits
+from gan.losses import (
+    LeCamAnchors,
+    consistency_penalty,
+    get_loss,
+    gradient_penalty,
+    lecam_penalty,
+    r1_from_logits,
+)
 from gan.nn.normalization import frozen_bn_stats, recompute_bn_statistics
 
 
@@ -25,6 +33,9 @@ class StepStats:
     penalties (zero when unused). With ``d_steps > 1``, ``loss_d``, ``d_real``, ``d_fake`` and
     ``gp`` are means over the D updates and ``r1`` the mean over those that applied it.
     ``d_real``/``d_fake`` are the mean sigmoid of the logits, whatever the loss.
+    ``real_sign`` is the mean of sign(D(real)) over the (augmented) reals D saw, ADA's overfitting
+    signal (mean over the D updates); ``lecam`` and ``consistency`` are the unweighted
+    regularizers (zero when unused), means over the D updates.
     """
 
     loss_d: torch.Tensor
@@ -33,6 +44,9 @@ class StepStats:
     d_fake: torch.Tensor
     r1: torch.Tensor = field(default_factory=_zero)
     gp: torch.Tensor = field(default_factory=_zero)
+    real_sign: torch.Tensor = field(default_factory=_zero)
+    lecam: torch.Tensor = field(default_factory=_zero)
+    consistency: torch.Tensor = field(default_factory=_zero)
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -48,6 +62,10 @@ def _noise(
     if rng is None:
         return torch.randn(batch, latent_dim, device=device)
     return torch.randn(batch, latent_dim, generator=rng, device=rng.device).to(device)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _mean(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,10 @@ def train_step(
     d_steps: int = 1,
     freeze_g_stats_in_d_phase: bool = False,
     ema: GeneratorEMA | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lecam_weight: float = 0.0,
+    lecam_anchors: LeCamAnchors | None = None,
+    consistency_weight: float = 0.0,
 ) -> StepStats:
     """Update D ``d_steps`` times on ``real`` and fresh fake batches, then G against the updated D.
 
@@ -97,17 +119,44 @@ def train_step(
     * ``freeze_g_stats_in_d_phase``: G's batch-norm layers normalize the D phase's fakes with
       batch statistics (training mode) but do not update their running statistics.
     * ``ema``: updated with the inner G and ``step`` after the G update.
+    * ``augment``: a differentiable augmentation (e.g. :class:`gan.augment.Augment`) applied to
+      every image D sees: the reals and fakes of the D phase and the fakes of the G phase, whose
+      gradient reaches G through it (DiffAugment). R1 is taken with respect to the reals before
+      augmentation, the WGAN-GP on interpolates of the augmented batches (what D sees).
+    * ``lecam_weight``/``lecam_anchors``: LeCam regularization on the D update, against the
+      moving anchors in ``lecam_anchors`` (updated here with each D update's logits first).
+    * ``consistency_weight``: bCR on the reals, mean (D(x) - D(augment(x)))^2, with one more D
+      forward on the reals as they are; needs ``augment``. The augmented side is the forward
+      the loss uses, so with ADA's p < 1 only the images augmented at that step contribute.
     """
     d_loss_fn, g_loss_fn = get_loss(loss)
-    if r1_gamma < 0 or gp_weight < 0:
-        raise ValueError(f"r1_gamma and gp_weight must be >= 0, got {r1_gamma} and {gp_weight}")
+    for name, value in (
+        ("r1_gamma", r1_gamma),
+        ("gp_weight", gp_weight),
+        ("lecam_weight", lecam_weight),
+        ("consistency_weight", consistency_weight),
+    ):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if r1_interval < 1 or d_steps < 1:
         raise ValueError(f"r1_interval and d_steps must be >= 1, got {r1_interval} and {d_steps}")
+    if lecam_weight > 0 and lecam_anchors is None:
+        raise ValueError(
+            "lecam_weight > 0 needs lecam_anchors: pass one gan.losses.LeCamAnchors() kept "
+            "across steps (and in the checkpoint)"
+        )
+    if consistency_weight > 0 and augment is None:
+        raise ValueError(
+            "consistency_weight > 0 needs augment: the penalty compares D on an image and on its "
+            "augmentation"
+        )
+    view = augment if augment is not None else _identity
     g_inner = generator_inner if generator_inner is not None else generator
     d_inner = discriminator_inner if discriminator_inner is not None else discriminator
     batch = real.shape[0]
 
     losses_d, d_reals, d_fakes, r1s, gps = [], [], [], [], []
+    signs, lecams, consistencies = [], [], []
     for i in range(d_steps):
         z = _noise(batch, latent_dim, rng, real.device)
         frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
@@ -115,8 +164,9 @@ def train_step(
             fake = g_inner(z)
         apply_r1 = r1_gamma > 0 and (step * d_steps + i) % r1_interval == 0
         real_in = real.detach().requires_grad_(True) if apply_r1 else real
-        real_logits = discriminator(real_in)
-        fake_logits = discriminator(fake)
+        real_seen, fake_seen = view(real_in), view(fake)
+        real_logits = discriminator(real_seen)
+        fake_logits = discriminator(fake_seen)
         loss_d = d_loss_fn(real_logits, fake_logits)
         total = loss_d
         if apply_r1:
@@ -124,20 +174,31 @@ def train_step(
             total = total + (r1_gamma * r1_interval) * r1
             r1s.append(r1.detach())
         if gp_weight > 0:
-            gp = gradient_penalty(discriminator, real, fake, rng)
+            gp = gradient_penalty(discriminator, real_seen.detach(), fake_seen, rng)
             total = total + gp_weight * gp
             gps.append(gp.detach())
+        if lecam_weight > 0:
+            assert lecam_anchors is not None
+            lecam_anchors.update(real_logits, fake_logits)
+            lecam = lecam_penalty(real_logits, fake_logits, lecam_anchors.real, lecam_anchors.fake)
+            total = total + lecam_weight * lecam
+            lecams.append(lecam.detach())
+        if consistency_weight > 0:
+            consistency = consistency_penalty(discriminator(real.detach()), real_logits)
+            total = total + consistency_weight * consistency
+            consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
         total.backward()
         opt_d.step()
         losses_d.append(loss_d.detach())
         d_reals.append(torch.sigmoid(real_logits.detach()).mean())
         d_fakes.append(torch.sigmoid(fake_logits.detach()).mean())
+        signs.append(torch.sign(real_logits.detach()).mean())
 
     set_requires_grad(d_inner, False)
     try:
         z = _noise(batch, latent_dim, rng, real.device)
-        loss_g = g_loss_fn(d_inner(generator(z)))
+        loss_g = g_loss_fn(d_inner(view(generator(z))))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -155,6 +216,9 @@ def train_step(
         d_fake=_mean(d_fakes, zero),
         r1=_mean(r1s, zero),
         gp=_mean(gps, zero),
+        real_sign=_mean(signs, zero),
+        lecam=_mean(lecams, zero),
+        consistency=_mean(consistencies, zero),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -10,12 +11,15 @@ from torch import nn
 
 from gan.losses import (
     LOSSES,
+    LeCamAnchors,
+    consistency_penalty,
     get_loss,
     gradient_penalty,
     hinge_d_loss,
     hinge_g_loss,
     least_squares_d_loss,
     least_squares_g_loss,
+    lecam_penalty,
     nonsaturating_d_loss,
     nonsaturating_g_loss,
     r1_from_logits,
@@ -199,3 +203,70 @@ def test_gradient_penalty_matches_an_explicit_interpolation_reference():
 def test_gradient_penalty_refuses_mismatched_batches():
     with pytest.raises(ValueError, match="one shape"):
         gradient_penalty(_Linear(W), _images(4, 0), _images(3, 1))
+
+
+# ----------------------------------------------------------------------------------- regularizers
+
+
+def test_lecam_penalty_equals_hand_computed_values():
+    # relu(REAL - a_F) with a_F = -0.5: [0, 0.5, 2.5] -> mean of squares 6.5 / 3;
+    # relu(a_R - FAKE) with a_R = 0.5: [0, 2.5, 0] -> 6.25 / 3. Sum 4.25.
+    value = lecam_penalty(REAL, FAKE, anchor_real=0.5, anchor_fake=-0.5)
+    assert value.item() == pytest.approx(4.25, rel=1e-12)
+    anchors = torch.tensor(0.5, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    assert lecam_penalty(REAL, FAKE, *anchors).item() == pytest.approx(4.25, rel=1e-12)
+    r = REAL.clone().requires_grad_(True)
+    f = FAKE.clone().requires_grad_(True)
+    lecam_penalty(r, f, 0.5, -0.5).backward()
+    # d/dr relu(r - a_F)^2 / 3 = 2 relu(r - a_F) / 3; d/df = -2 relu(a_R - f) / 3.
+    torch.testing.assert_close(r.grad, torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64) / 3)
+    torch.testing.assert_close(f.grad, torch.tensor([0.0, -5.0, 0.0], dtype=torch.float64) / 3)
+    # D's outputs between the anchors are not penalized at all.
+    assert lecam_penalty(REAL.clamp(max=-0.5), FAKE.clamp(min=0.5), 0.5, -0.5).item() == 0.0
+
+
+def test_consistency_penalty_equals_hand_computed_values():
+    # REAL - FAKE = [-1.5, 2, 1] -> mean of squares (2.25 + 4 + 1) / 3.
+    assert consistency_penalty(REAL, FAKE).item() == pytest.approx(7.25 / 3, rel=1e-12)
+    a = REAL.clone().requires_grad_(True)
+    b = FAKE.clone().requires_grad_(True)
+    consistency_penalty(a, b).backward()
+    torch.testing.assert_close(a.grad, 2 * (REAL - FAKE) / 3)
+    torch.testing.assert_close(b.grad, -2 * (REAL - FAKE) / 3)
+    with pytest.raises(ValueError, match="one shape"):
+        consistency_penalty(REAL, FAKE[:2])
+
+
+def test_lecam_anchors_start_at_the_first_means_then_average():
+    anchors = LeCamAnchors(decay=0.5)
+    assert anchors.real is None and anchors.fake is None
+    anchors.update(torch.tensor([1.0, 3.0]), torch.tensor([0.0, -2.0]))
+    assert (anchors.real.item(), anchors.fake.item()) == (2.0, -1.0)
+    anchors.update(torch.tensor([4.0]), torch.tensor([1.0]))
+    assert (anchors.real.item(), anchors.fake.item()) == (3.0, 0.0)
+    assert LeCamAnchors().decay == 0.99
+    logits = torch.tensor([1.0], requires_grad=True)
+    anchors.update(logits * 2, logits)
+    assert not anchors.real.requires_grad  # anchors are constants for the penalty
+
+
+def test_lecam_anchors_round_trip_through_a_weights_only_checkpoint():
+    for updates in (0, 2):
+        anchors = LeCamAnchors(decay=0.9)
+        for i in range(updates):
+            anchors.update(torch.tensor([float(i)]), torch.tensor([-float(i)]))
+        buffer = io.BytesIO()
+        torch.save({"lecam": anchors.state_dict()}, buffer)
+        buffer.seek(0)
+        restored = LeCamAnchors()
+        restored.load_state_dict(torch.load(buffer, weights_only=True)["lecam"])
+        assert restored.decay == 0.9
+        for a, b in ((anchors.real, restored.real), (anchors.fake, restored.fake)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        anchors.update(torch.tensor([5.0]), torch.tensor([1.0]))
+        restored.update(torch.tensor([5.0]), torch.tensor([1.0]))
+        assert torch.equal(anchors.real, restored.real)
+    with pytest.raises(ValueError, match="missing fake"):
+        LeCamAnchors().load_state_dict({"decay": 0.9, "real": None})
+    with pytest.raises(ValueError, match="decay"):
+        LeCamAnchors(decay=1.0)

@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from gan.augment import Augment
 from gan.losses import (
+    LeCamAnchors,
+    consistency_penalty,
     get_loss,
     gradient_penalty,
+    lecam_penalty,
     nonsaturating_d_loss,
     nonsaturating_g_loss,
     r1_penalty,
@@ -726,6 +730,10 @@ def test_freezing_g_statistics_in_the_discriminator_phase(freeze, g_norm):
         ({"gp_weight": -1.0}, "gp_weight"),
         ({"r1_interval": 0}, "r1_interval"),
         ({"d_steps": 0}, "d_steps"),
+        ({"lecam_weight": -1.0}, "lecam_weight must be >= 0"),
+        ({"consistency_weight": -1.0}, "consistency_weight must be >= 0"),
+        ({"lecam_weight": 0.1}, "needs lecam_anchors"),
+        ({"consistency_weight": 0.1}, "needs augment"),
     ],
 )
 def test_bad_options_are_refused_before_anything_changes(kwargs, match):
@@ -737,3 +745,144 @@ def test_bad_options_are_refused_before_anything_changes(kwargs, match):
             latent_dim=LATENT, **kwargs,
         )  # fmt: skip
     assert not any(_changed(g_before, g).values()) and not any(_changed(d_before, d).values())
+
+
+# ------------------------------------------------- augmentation and the small-data regularizers
+
+
+class _Flip:
+    """A deterministic, differentiable augmentation that records what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return x.flip(-1)
+
+
+def test_augment_feeds_d_everything_it_sees_and_passes_g_its_gradient():
+    g, d = _models_with(40, d_norm="none")
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    recorder = _RecordingD(d, g)
+    flip = _Flip()
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=recorder, discriminator_inner=d,
+        opt_g=torch.optim.SGD(g.parameters(), lr=0.0), opt_d=torch.optim.SGD(d.parameters(), 0.0),
+        real=real, latent_dim=LATENT, rng=torch.Generator().manual_seed(41), augment=flip,
+    )  # fmt: skip
+    rng = torch.Generator().manual_seed(41)
+    z_d, z_g = torch.randn(BATCH, LATENT, generator=rng), torch.randn(BATCH, LATENT, generator=rng)
+    with torch.no_grad():
+        fake = copy.deepcopy(g_ref)(z_d)
+        real_logits = d_ref(real.flip(-1))
+    # D phase: D saw the flipped reals and fakes; G phase: the flipped fakes, three calls in all.
+    assert len(flip.seen) == 3
+    assert torch.equal(flip.seen[0], real) and torch.equal(flip.seen[1], fake)
+    assert [x for x, _ in recorder.calls][0].equal(real.flip(-1))
+    assert [x for x, _ in recorder.calls][1].equal(fake.flip(-1))
+    assert stats.real_sign.item() == torch.sign(real_logits).mean().item()
+    assert stats.real_sign.shape == () and not stats.real_sign.requires_grad
+    # G's gradient is that of the G loss through the augmentation.
+    nonsaturating_g_loss(d_ref(g_ref(z_g).flip(-1))).backward()
+    for (name, p), (_, p_ref) in zip(g.named_parameters(), g_ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    g_plain = copy.deepcopy(g_ref)
+    g_plain.zero_grad(set_to_none=True)
+    nonsaturating_g_loss(d_ref(g_plain(z_g))).backward()
+    assert any(
+        not torch.allclose(p.grad, q.grad)
+        for p, q in zip(g.parameters(), g_plain.parameters(), strict=True)
+    )
+
+
+def test_zero_probability_augment_is_bit_identical_to_no_augment():
+    results = []
+    for pipeline in (None, "p0", "p1"):
+        g, d = _models(42)
+        opt_g, opt_d = _adam(g), _adam(d)
+        rng = torch.Generator().manual_seed(43)
+        aug = (
+            None
+            if pipeline is None
+            else Augment("translation,cutout", p=0.0 if pipeline == "p0" else 1.0, rng=rng)
+        )
+        for i in range(2):
+            s = train_step(
+                generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=_real(i),
+                latent_dim=LATENT, rng=rng, step=i, augment=aug,
+            )  # fmt: skip
+        results.append((s.loss_d, _params(g), _params(d), rng.get_state()))
+    plain, p0, p1 = results
+    assert torch.equal(plain[0], p0[0]) and torch.equal(plain[3], p0[3])
+    assert all(torch.equal(plain[1][k], p0[1][k]) for k in plain[1])
+    assert all(torch.equal(plain[2][k], p0[2][k]) for k in plain[2])
+    assert not torch.equal(plain[0], p1[0])  # p = 1 does change what D sees
+
+
+def test_diffaugment_step_is_deterministic_under_the_seed():
+    runs = []
+    for _ in range(2):
+        g, d = _models(44)
+        rng = torch.Generator().manual_seed(45)
+        s = train_step(
+            generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+            latent_dim=LATENT, rng=rng, augment=Augment("translation,cutout", p=1.0, rng=rng),
+        )  # fmt: skip
+        runs.append((s.loss_d.item(), s.loss_g.item(), _params(g)))
+    assert runs[0][:2] == runs[1][:2]
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])
+
+
+def test_lecam_enters_the_discriminator_gradient_against_the_updated_anchors():
+    weight = 0.3
+    g, d = _models_with(46, d_norm="none")
+    g_snapshot, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    anchors = LeCamAnchors(decay=0.9)
+    anchors.update(torch.tensor([0.4]), torch.tensor([-0.2]))  # earlier steps' anchors
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=torch.optim.SGD(d.parameters(), 0.0),
+        real=real, latent_dim=LATENT, rng=torch.Generator().manual_seed(47),
+        lecam_weight=weight, lecam_anchors=anchors,
+    )  # fmt: skip
+    z = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(47))
+    with torch.no_grad():
+        fake = g_snapshot(z)
+    real_logits, fake_logits = d_ref(real), d_ref(fake)
+    anchor_real = 0.9 * 0.4 + 0.1 * real_logits.detach().mean()
+    anchor_fake = 0.9 * -0.2 + 0.1 * fake_logits.detach().mean()
+    torch.testing.assert_close(anchors.real, anchor_real)
+    torch.testing.assert_close(anchors.fake, anchor_fake)
+    lecam = lecam_penalty(real_logits, fake_logits, anchor_real, anchor_fake)
+    assert lecam.item() > 0  # the penalty is active here, so the gradient check means something
+    (nonsaturating_d_loss(real_logits, fake_logits) + weight * lecam).backward()
+    torch.testing.assert_close(stats.lecam, lecam.detach())
+    for (name, p), (_, p_ref) in zip(d.named_parameters(), d_ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_consistency_enters_the_discriminator_gradient():
+    weight = 2.0
+    g, d = _models_with(48, d_norm="none")
+    g_snapshot, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    real = _real()
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=torch.optim.SGD(d.parameters(), 0.0),
+        real=real, latent_dim=LATENT, rng=torch.Generator().manual_seed(49), augment=_Flip(),
+        consistency_weight=weight,
+    )  # fmt: skip
+    z = torch.randn(BATCH, LATENT, generator=torch.Generator().manual_seed(49))
+    with torch.no_grad():
+        fake = g_snapshot(z)
+    augmented_logits = d_ref(real.flip(-1))
+    consistency = (d_ref(real) - augmented_logits).pow(2).mean()
+    assert consistency.item() > 0
+    torch.testing.assert_close(consistency_penalty(d_ref(real), augmented_logits), consistency)
+    loss = nonsaturating_d_loss(augmented_logits, d_ref(fake.flip(-1)))
+    (loss + weight * consistency).backward()
+    torch.testing.assert_close(stats.consistency, consistency.detach())
+    for (name, p), (_, p_ref) in zip(d.named_parameters(), d_ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    assert stats.lecam.item() == 0.0
