@@ -12,7 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.config import Config, ConfigError, describe, load_config
+from pipelines.config import Config, ConfigError, describe, load_config, validate_population
 
 DEFAULT_WORKDIR = Config().workdir
 
@@ -23,11 +23,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _tracking_uri(workdir: str, tracking_uri: str | None) -> str:
-    if tracking_uri:
-        return tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return Config(workdir=workdir).resolved_tracking_uri
+    return Config(workdir=workdir, tracking_uri=tracking_uri or "").resolved_tracking_uri
 
 
 LOCATION_KEYS = ("workdir", "tracking_uri", "experiment")
@@ -63,7 +59,16 @@ def _resumed_config(config: Config, args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.steps.default_dag import default_dag
 
-    dag = default_dag()
+    return _run_dag(args, default_dag(), tune=False)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.steps.default_dag import tune_dag
+
+    return _run_dag(args, tune_dag(), tune=True)
+
+
+def _run_dag(args: argparse.Namespace, dag, *, tune: bool) -> int:  # noqa: ANN001
     try:
         config = load_config(args.config, args.overrides)
         unknown = [name for name in args.force if name not in dag.names]
@@ -71,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--force {unknown[0]}: no such step; steps: {', '.join(dag.names)}")
         if args.resume:
             config = _resumed_config(config, args)
+        if tune:
+            validate_population(config)
     except ConfigError as exc:
         return _fail(f"config: {exc}", 2)
     from pipelines.storage import check_writable
@@ -80,8 +87,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PermissionError as exc:
         return _fail(str(exc), 2)
 
-    from pipelines.runner import StepFailed, run_pipeline
+    from pipelines.runner import StepFailed, init_ray, run_pipeline
 
+    if tune:  # every trial's workers at once, even if that oversubscribes a laptop's cores
+        t = config.train
+        init_ray(
+            num_cpus=max(
+                (os.cpu_count() or 1) + 1,
+                config.tune.population * t.workers * t.threads_per_worker + 1,
+            )
+        )
     try:
         result = run_pipeline(
             dag,
@@ -127,9 +142,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole_number(flag: str, text: str, minimum: int) -> int:
+    """``text`` as an int >= ``minimum``; a ValueError whose message names the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        return _fail(f"-n must be >= 1, got {args.n}", 2)
+    # -n and --seed are parsed here, not by argparse, so that a bad value is one line, not usage.
+    try:
+        count = _whole_number("-n", args.n, 1)
+        first_seed = _whole_number("--seed", args.seed, 0)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     import mlflow
     import pandas as pd
     import torch
@@ -140,17 +175,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         model = mlflow.pyfunc.load_model(args.model)
     except Exception as exc:  # MlflowException and friends: the message says what is missing
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return _fail(
-            f"cannot load model {args.model!r}: {first_line}\n"
-            f"(tracking store: {mlflow.get_tracking_uri()}; list models in the MLflow UI)"
+            f"cannot load model {args.model!r} from {mlflow.get_tracking_uri()}: {_first_line(exc)}"
         )
-    images = model.predict(pd.DataFrame({"seed": range(args.seed, args.seed + args.n)}))
+    try:
+        images = model.predict(pd.DataFrame({"seed": range(first_seed, first_seed + count)}))
+    except Exception as exc:  # the model's own refusal (too many images, a bad seed)
+        return _fail(f"model {args.model!r} refused the request: {_first_line(exc)}", 2)
     chw = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(chw, out)
     print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.registry import CHAMPION, RegistryError, promote
+
+    uri = _tracking_uri(args.workdir, args.tracking_uri)
+    try:
+        previous = promote(MlflowClient(uri), args.name, args.version)
+    except RegistryError as exc:
+        return _fail(f"{exc} (tracking store: {uri})", 2)
+    was = f"version {previous}" if previous is not None else "none"
+    print(f"{args.name}@{CHAMPION} is now version {args.version} (was: {was})")
     return 0
 
 
@@ -161,6 +212,137 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI on http://{args.host}:{args.port} ({shlex.join(command[1:])})", flush=True)
     os.execv(command[0], command)
     return 0  # not reached
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from pipelines.server import (
+        BackendUnavailable,
+        check_backend,
+        default_artifacts_destination,
+        default_backend_uri,
+        redact,
+        server_command,
+        server_environment,
+    )
+
+    if not 0 < args.port < 65536:
+        return _fail(f"--port must be between 1 and 65535, got {args.port}", 2)
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}", 2)
+    if not args.backend_store_uri:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    backend = args.backend_store_uri or default_backend_uri(args.workdir)
+    artifacts = args.artifacts_destination or default_artifacts_destination(args.workdir)
+    try:
+        check_backend(backend)
+    except BackendUnavailable as exc:
+        return _fail(str(exc), 2)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    uri = f"http://{args.host if loopback else '<this-host>'}:{args.port}"
+    print(f"MLflow tracking server on {args.host}:{args.port}")
+    print(f"  backend store  {redact(backend)}")
+    print(f"  artifacts      {artifacts} (served through the server)")
+    print(f"  use it with    ganpipe run tracking_uri={uri}")
+    print(f"            or   export MLFLOW_TRACKING_URI={uri}")
+    if not loopback:
+        print(
+            "  warning: MLflow has no authentication by default; anyone who reaches this port "
+            "can read and change every run and model. Keep it on a private network or behind "
+            "an authenticating proxy (see docs/tracking.md).",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    command = server_command(
+        backend, artifacts, args.host, args.port, args.workers, args.allowed_hosts
+    )
+    os.execve(command[0], command, server_environment())
+    return 0  # not reached
+
+
+def _on_cluster(args: argparse.Namespace, body) -> int:
+    """Connect to the Ray cluster and run ``body(client, address)``; JobsError is one line."""
+    from pipelines import jobs
+
+    try:
+        client, address = jobs.connect(args.address)
+        return body(client, address)
+    except jobs.JobsError as exc:
+        return _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        return _fail("interrupted; a submitted job runs on (ganpipe stop ID ends it)", 130)
+
+
+def _job_ended(job, job_id: str) -> int:
+    if str(job.status) == "SUCCEEDED":
+        print(f"ganpipe: job {job_id} SUCCEEDED", file=sys.stderr)
+        return 0
+    return _fail(f"job {job_id} {job.status}: {(job.message or '').strip()}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    try:
+        submission = jobs.prepare_run(args.config, args.overrides, args.working_dir, args.pip)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", 2)
+    except jobs.JobsError as exc:
+        return _fail(str(exc), exc.code)
+    for note in submission.notes:
+        print(f"ganpipe: note: {note}", file=sys.stderr)
+
+    def body(client, address: str) -> int:
+        job_id = jobs.submit(client, submission)
+        print(job_id, flush=True)  # alone on stdout: ID=$(ganpipe submit …) works
+        if not args.follow:
+            print(f"follow it: ganpipe logs {job_id} --follow --address {address}", file=sys.stderr)
+            return 0
+        return _job_ended(jobs.follow(client, address, job_id), job_id)
+
+    return _on_cluster(args, body)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    def body(client, address: str) -> int:
+        if args.job_id:
+            print(jobs.describe(jobs.info(client, address, args.job_id), args.job_id))
+            return 0
+        listed = jobs.list_jobs(client)
+        for job in listed:
+            print(jobs.describe(job, job.submission_id or job.job_id or "-"))
+        if not listed:
+            print(f"no jobs on the cluster at {address}")
+        return 0
+
+    return _on_cluster(args, body)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    def body(client, address: str) -> int:
+        if args.follow:
+            return _job_ended(jobs.follow(client, address, args.job_id), args.job_id)
+        sys.stdout.write(jobs.logs(client, address, args.job_id))
+        return 0
+
+    return _on_cluster(args, body)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    def body(client, address: str) -> int:
+        if jobs.stop(client, address, args.job_id):
+            print(f"stopping {args.job_id}")
+        else:
+            job = jobs.info(client, address, args.job_id)
+            print(f"{args.job_id} was not running ({job.status})")
+        return 0
+
+    return _on_cluster(args, body)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -212,43 +394,110 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", help="preset name in configs/ or a YAML file")
         p.add_argument("overrides", nargs="*", help="key=value, e.g. train.workers=2")
 
-    run = sub.add_parser("run", help="prepare → validate → train → evaluate → register")
-    with_config(run)
-    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted pipeline run")
-    run.add_argument(
-        "--force",
-        metavar="STEP",
-        action="append",
-        default=[],
-        help="run STEP (and all after it) again even if cached; repeatable",
-    )
-    run.add_argument("--no-cache", action="store_true", help="run every step again")
-    run.set_defaults(fn=cmd_run)
+    for name, fn, text in (
+        ("run", cmd_run, "prepare → validate → fit_features → train → evaluate → register"),
+        ("tune", cmd_tune, "the same with population-based training (Ray Tune) in place of train"),
+    ):
+        run = sub.add_parser(name, help=text)
+        with_config(run)
+        run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted pipeline run")
+        run.add_argument(
+            "--force",
+            metavar="STEP",
+            action="append",
+            default=[],
+            help="run STEP (and all after it) again even if cached; repeatable",
+        )
+        run.add_argument("--no-cache", action="store_true", help="run every step again")
+        run.set_defaults(fn=fn)
 
     config = sub.add_parser("config", help="print the resolved config with defaults and docs")
     with_config(config)
     config.set_defaults(fn=cmd_config)
 
     gen = sub.add_parser("generate", help="sample images from a registered model into a PNG grid")
-    gen.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION")
-    gen.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    gen.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/generator",
+    )
+    gen.add_argument("-n", default="64", help="number of images (default 64)")
+    gen.add_argument("--seed", default="0", help="first seed, >= 0 (default 0)")
     gen.add_argument("--out", default="grid.png", help="PNG file to write (default grid.png)")
     gen.set_defaults(fn=cmd_generate)
+
+    promote = sub.add_parser("promote", help="make a registered model version the champion")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", help="model version number")
+    promote.set_defaults(fn=cmd_promote)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     ui.set_defaults(fn=cmd_ui)
 
+    server = sub.add_parser(
+        "server", help="run an MLflow tracking server (database backend, served artifacts)"
+    )
+    server.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="database for runs and models, e.g. postgresql://postgres@127.0.0.1:5432/mlflow "
+        "(default: the workdir's SQLite store)",
+    )
+    server.add_argument(
+        "--artifacts-destination",
+        metavar="DIR|s3://…",
+        help="where the server stores artifacts (default: <workdir>/mlartifacts)",
+    )
+    server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, help="server processes (MLflow's default: 4)")
+    server.add_argument(
+        "--allowed-hosts", metavar="HOSTS", help="Host names clients may use (comma-separated)"
+    )
+    server.add_argument("--workdir", default=DEFAULT_WORKDIR, help="for the default stores")
+    server.set_defaults(fn=cmd_server)
+
     runs = sub.add_parser("runs", help="list pipeline runs with the status of each step")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--experiment", default=Config().experiment)
     runs.set_defaults(fn=cmd_runs)
 
-    for p in (gen, ui, runs):
+    for p in (gen, promote, ui, runs):
         p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the run's workdir")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workdir's store)")
+
+    submit = sub.add_parser("submit", help="run the pipeline as a Ray Job on a Ray cluster")
+    submit.add_argument("--config", "-c", "--preset", dest="config", help="as for run")
+    submit.add_argument("overrides", nargs="*", help="key=value, as for run")
+    submit.add_argument(
+        "--follow", action="store_true", help="stream the job's logs; exit 1 unless it succeeds"
+    )
+    submit.add_argument(
+        "--pip",
+        action="store_true",
+        help="also install the project's dependencies pinned to the versions installed here "
+        "(default: use the cluster image's; see docs/deploy.md)",
+    )
+    submit.add_argument("--working-dir", help="project folder to upload (default: this checkout)")
+    submit.set_defaults(fn=cmd_submit)
+    status = sub.add_parser("status", help="a submitted job's status (no ID: every job)")
+    status.add_argument("job_id", nargs="?", metavar="ID")
+    status.set_defaults(fn=cmd_status)
+    logs = sub.add_parser("logs", help="a submitted job's logs")
+    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    logs.set_defaults(fn=cmd_logs)
+    stop = sub.add_parser("stop", help="stop a submitted job")
+    stop.add_argument("job_id", metavar="ID")
+    stop.set_defaults(fn=cmd_stop)
+    for p in (submit, status, logs, stop):
+        p.add_argument(
+            "--address",
+            help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, else "
+            "http://127.0.0.1:8265); token from $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH",
+        )
 
     dag = sub.add_parser("dag", help="print the pipeline DAG as Mermaid text")
     dag.set_defaults(fn=cmd_dag)

@@ -7,6 +7,7 @@ preset. Unknown keys, wrong types and impossible values are refused here, before
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from gan.augment import AUGMENTATIONS, parse_kinds
 from gan.data import ON_BAD, detect_format
 from gan.losses import LOSSES
 from gan.nn.models import check_resolution
@@ -21,11 +23,9 @@ from gan.nn.normalization import DISCRIMINATOR_NORMALIZATIONS, GENERATOR_NORMALI
 from gan.optim import OPTIMIZERS
 from gan.schedules import DECAYS, WARMUPS, SchedulePolicy
 
-# Reduce-on-plateau needs an evaluation distance measured during training, which the training
-# loop does not compute yet; the other policies depend on the step alone.
-CONFIG_DECAYS = tuple(d for d in DECAYS if d != "plateau")
-
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+SAMPLING_MODES = ("eval", "train")
+MUTABLE = ("lr_g", "lr_d", "beta1", "d_steps")  # what population-based training can adapt
 
 
 class ConfigError(ValueError):
@@ -84,12 +84,24 @@ class OptimConfig:
     warmup_start_factor: float = doc(
         "exponential warm-up starts at this fraction of the peak", 0.01
     )
-    decay: str = doc(f"policy after warm-up: {', '.join(CONFIG_DECAYS)}", "cosine")
+    decay: str = doc(
+        f"policy after warm-up: {', '.join(DECAYS)} (plateau: driven by the in-training "
+        "evaluation distance, needs train.eval_every)",
+        "cosine",
+    )
     min_lr_factor: float = doc("floor of every decay, as a fraction of the peak rate", 0.1)
     gamma: float = doc("step decay: multiply the rate by gamma every step_size steps", 0.5)
     step_size: int = doc("step decay: steps between two multiplications by gamma", 1000)
     cycle_low: float = doc("cyclic policies: the low rate as a fraction of the peak", 0.1)
     cycle_half_steps: int = doc("cyclic policies: steps from the low to the high rate", 500)
+    plateau_factor: float = doc("plateau: multiply the rate by this on a plateau", 0.5)
+    plateau_patience: int = doc(
+        "plateau: evaluations without improvement tolerated before a reduction", 2
+    )
+    plateau_threshold: float = doc(
+        "plateau: relative improvement of the distance that counts as one", 0.01
+    )
+    plateau_cooldown: int = doc("plateau: evaluations after a reduction that do not count", 0)
 
 
 @dataclass
@@ -99,6 +111,39 @@ class LossConfig:
     r1_gamma: float = doc("R1 penalty weight on real images (0: off)", 0.0)
     r1_interval: int = doc("apply R1 every this many D updates (lazy regularization)", 16)
     d_steps: int = doc("discriminator updates per generator update", 1)
+    lecam_weight: float = doc(
+        "LeCam regularization weight on D (0: off; small-data GANs use about 0.3)", 0.0
+    )
+    consistency_weight: float = doc(
+        "consistency regularization (bCR) weight on D's reals, (D(x) - D(augmented x))^2 "
+        "(0: off; needs augment.kinds)",
+        0.0,
+    )
+
+
+@dataclass
+class AugmentConfig:
+    kinds: str = doc(
+        "differentiable augmentation of every image D sees (DiffAugment): comma-separated "
+        f"subset of {', '.join(AUGMENTATIONS)}; empty: none. color applies to 3-channel data "
+        "only (the channels are known after prepare): other batches pass it unchanged",
+        "",
+    )
+    adaptive: bool = doc("tune p during training from D's overfitting signal (ADA)", False)
+    p: float = doc(
+        "probability of each op per image: fixed, or the starting value when adaptive "
+        "(ADA starts at 0)",
+        1.0,
+    )
+    target: float = doc(
+        "adaptive: p rises while E[sign D(real)] over an interval is above this (ADA: 0.6)", 0.6
+    )
+    adjust_speed: int = doc(
+        "adaptive: images over which p can go from 0 to 1. ADA uses 500k for runs of tens of "
+        "millions of images; 20k is about 310 steps of batch 64, a sixth of the default run",
+        20_000,
+    )
+    interval: int = doc("adaptive: steps between two adjustments of p", 4)
 
 
 @dataclass
@@ -118,6 +163,12 @@ class TrainConfig:
     report_every: int = doc("steps between metric reports (and MLflow points)", 50)
     checkpoint_every: int = doc("steps between checkpoints written through Ray Train", 500)
     seed: int = doc("seed of weights and noise", 0)
+    eval_every: int = doc(
+        "steps between in-training evaluation distances and sample grids (0: off); a "
+        "multiple of report_every",
+        250,
+    )
+    eval_samples: int = doc("generated images behind each in-training evaluation distance", 500)
     freeze_g_stats_in_d_phase: bool = doc(
         "G's batch-norm running statistics are not updated by the fakes made for D", False
     )
@@ -128,6 +179,47 @@ class EvalConfig:
     samples: int = doc("generated images scored against the held-out split", 1000)
     classifier_epochs: int = doc("epochs of the feature-extractor classifier", 15)
     grid_size: int = doc("images in the logged sample grid (a square number)", 64)
+    sampling_mode: str = doc(
+        "batch norm when sampling from the trained G: eval (running statistics) or train "
+        "(statistics of each requested batch); evaluated and registered the same way",
+        "eval",
+    )
+    standing_stats_batches: int = doc(
+        "before evaluating, recompute G's running batch-norm statistics over this many "
+        "batches of its own samples (0: keep those from training)",
+        0,
+    )
+
+
+@dataclass
+class PopulationConfig:
+    population: int = doc("trials trained at once under population-based training", 4)
+    perturbation_interval: int = doc(
+        "steps between exploit/explore decisions; a multiple of train.eval_every", 500
+    )
+    quantile_fraction: float = doc(
+        "share of trials in the bottom (cloned from) and top (cloned) groups", 0.25
+    )
+    resample_probability: float = doc(
+        "chance that an explored value is drawn anew from its range instead of perturbed", 0.25
+    )
+    perturb_up: float = doc("explore: multiply a value by this ...", 1.2)
+    perturb_down: float = doc("... or by this", 0.8)
+    mutate: str = doc(
+        f"comma-separated hyper-parameters PBT adapts: {', '.join(MUTABLE)}", "lr_g,lr_d"
+    )
+    lr_min: float = doc("learning rates: low end of the log-uniform range (initial draws)", 2e-5)
+    lr_max: float = doc("learning rates: high end of the log-uniform range", 2e-3)
+    beta1_min: float = doc("Adam beta1 (when mutated): low end of its range", 0.0)
+    beta1_max: float = doc("Adam beta1 (when mutated): high end of its range", 0.9)
+    d_steps_max: int = doc("D updates per G update (when mutated): the largest value", 3)
+    synchronous: bool = doc(
+        "wait for every trial at each perturbation point, then exploit (deterministic ranking; "
+        "the fastest trial idles)",
+        False,
+    )
+    seed: int = doc("seed of the initial draws", 0)
+    max_failures: int = doc("restarts of a crashed trial from its last checkpoint", 1)
 
 
 @dataclass
@@ -140,16 +232,20 @@ class Config:
     workdir: str = doc(
         "folder for the embedded MLflow store, step outputs and checkpoints", "ganpipe-runs"
     )
-    tracking_uri: str = doc("MLflow tracking URI; empty: a SQLite store inside workdir", "")
+    tracking_uri: str = doc(
+        "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a SQLite store inside workdir", ""
+    )
     experiment: str = doc("MLflow experiment of pipeline runs", "ganpipe")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    tune: PopulationConfig = field(default_factory=PopulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,8 +256,11 @@ class Config:
 
     @property
     def resolved_tracking_uri(self) -> str:
+        """``tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the workdir's SQLite."""
         if self.tracking_uri:
             return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
 
 
@@ -190,10 +289,12 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "loss": LossConfig,
+    "augment": AugmentConfig,
     "ema": EmaConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "register": RegisterConfig,
+    "tune": PopulationConfig,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -333,8 +434,13 @@ def validate(c: Config) -> None:
         f"optim.warmup: unknown {c.optim.warmup!r}; allowed: {', '.join(WARMUPS)}",
     )
     _require(
-        c.optim.decay in CONFIG_DECAYS,
-        f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(CONFIG_DECAYS)}",
+        c.optim.decay in DECAYS,
+        f"optim.decay: unknown {c.optim.decay!r}; allowed: {', '.join(DECAYS)}",
+    )
+    _require(
+        c.optim.decay != "plateau" or c.train.eval_every > 0,
+        "optim.decay=plateau reduces the rate when the in-training evaluation distance stalls: "
+        "set train.eval_every (e.g. 250)",
     )
     _require(0 < c.optim.min_lr_factor <= 1, "optim.min_lr_factor must be in (0, 1]")
     try:
@@ -342,6 +448,7 @@ def validate(c: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"optim: {exc}") from None
     _validate_loss(c)
+    _validate_augment(c)
     t = c.train
     _require(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
@@ -358,12 +465,24 @@ def validate(c: Config) -> None:
     _require(t.report_every >= 1, "train.report_every must be >= 1")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
     _require(
+        t.eval_every >= 0 and t.eval_every % t.report_every == 0,
+        f"train.eval_every ({t.eval_every}) must be 0 (off) or a multiple of train.report_every "
+        f"({t.report_every}): the distance travels with a report",
+    )
+    _require(t.eval_samples >= 2, "train.eval_samples must be >= 2")
+    _require(
         c.data.shards >= t.workers,
         f"data.shards ({c.data.shards}) must be >= train.workers ({t.workers}): "
         "each worker reads its own shards",
     )
     _require(c.eval.samples >= 2, "eval.samples must be >= 2")
     _require(c.eval.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
+    _require(
+        c.eval.sampling_mode in SAMPLING_MODES,
+        f"eval.sampling_mode: unknown {c.eval.sampling_mode!r}; allowed: "
+        f"{', '.join(SAMPLING_MODES)}",
+    )
+    _require(c.eval.standing_stats_batches >= 0, "eval.standing_stats_batches must be >= 0")
     side = int(round(c.eval.grid_size**0.5))
     _require(
         c.eval.grid_size >= 1 and side * side == c.eval.grid_size,
@@ -373,6 +492,7 @@ def validate(c: Config) -> None:
         re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", c.register.model_name) is not None,
         f"register.model_name {c.register.model_name!r}: use letters, digits, '_', '.', '-'",
     )
+    _validate_population(c)
     _require(bool(c.workdir), "workdir must not be empty")
     _require(bool(c.experiment), "experiment must not be empty")
     _require(
@@ -383,6 +503,46 @@ def validate(c: Config) -> None:
         detect_format(c.data.source)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+
+
+def mutated(c: Config) -> list[str]:
+    return [name.strip() for name in c.tune.mutate.split(",") if name.strip()]
+
+
+def validate_population(c: Config) -> None:
+    """What population-based training needs beyond a valid config (``ganpipe tune`` checks it
+    before Ray starts): trials ranked by the evaluation distance at every perturbation."""
+    p = c.tune
+    _require(
+        c.train.eval_every > 0 and p.perturbation_interval % c.train.eval_every == 0,
+        f"tune.perturbation_interval ({p.perturbation_interval}) must be a multiple of "
+        f"train.eval_every ({c.train.eval_every}, not 0): PBT ranks trials by the evaluation "
+        "distance measured there",
+    )
+    _require(
+        p.perturbation_interval < c.train.steps,
+        f"tune.perturbation_interval ({p.perturbation_interval}) must be below train.steps "
+        f"({c.train.steps}), or no trial is ever exploited",
+    )
+
+
+def _validate_population(c: Config) -> None:
+    p = c.tune
+    _require(p.population >= 2, f"tune.population must be >= 2 (a population), got {p.population}")
+    _require(p.perturbation_interval > 0, "tune.perturbation_interval must be > 0")
+    _require(0 < p.quantile_fraction <= 0.5, "tune.quantile_fraction must be in (0, 0.5]")
+    _require(0 <= p.resample_probability <= 1, "tune.resample_probability must be in [0, 1]")
+    _require(p.perturb_up > 1 > p.perturb_down > 0, "tune: need perturb_up > 1 > perturb_down > 0")
+    names = mutated(c)
+    unknown = [n for n in names if n not in MUTABLE]
+    _require(
+        bool(names) and not unknown,
+        f"tune.mutate: unknown {', '.join(unknown) or 'empty list'}; allowed: {', '.join(MUTABLE)}",
+    )
+    _require(0 < p.lr_min < p.lr_max, "tune: need 0 < lr_min < lr_max")
+    _require(0 <= p.beta1_min < p.beta1_max < 1, "tune: need 0 <= beta1_min < beta1_max < 1")
+    _require(p.d_steps_max >= 1, "tune.d_steps_max must be >= 1")
+    _require(p.max_failures >= 0, "tune.max_failures must be >= 0")
 
 
 def _validate_loss(c: Config) -> None:
@@ -406,6 +566,35 @@ def _validate_loss(c: Config) -> None:
     _require(ema.start_step >= 0, "ema.start_step must be >= 0")
 
 
+def _validate_augment(c: Config) -> None:
+    a, loss = c.augment, c.loss
+    try:
+        kinds = parse_kinds(a.kinds)
+    except ValueError as exc:
+        raise ConfigError(f"augment.kinds: {exc}") from None
+    _require(0 <= a.p <= 1, f"augment.p must be in [0, 1], got {a.p}")
+    _require(
+        -1 < a.target < 1, f"augment.target is a mean of signs: must be in (-1, 1), got {a.target}"
+    )
+    _require(a.adjust_speed >= 1, f"augment.adjust_speed must be >= 1, got {a.adjust_speed}")
+    _require(a.interval >= 1, f"augment.interval must be >= 1, got {a.interval}")
+    _require(
+        not (a.adaptive and not kinds),
+        "augment.adaptive tunes the probability of augmentations: set augment.kinds "
+        f"(e.g. translation,cutout; allowed: {', '.join(AUGMENTATIONS)})",
+    )
+    _require(loss.lecam_weight >= 0, f"loss.lecam_weight must be >= 0, got {loss.lecam_weight}")
+    _require(
+        loss.consistency_weight >= 0,
+        f"loss.consistency_weight must be >= 0, got {loss.consistency_weight}",
+    )
+    _require(
+        not (loss.consistency_weight > 0 and not kinds),
+        "loss.consistency_weight compares D on an image and its augmentation: set augment.kinds "
+        f"(e.g. translation,cutout; allowed: {', '.join(AUGMENTATIONS)})",
+    )
+
+
 def schedule_policy(config: Config) -> SchedulePolicy:
     """The learning-rate policy of both networks (each scales its own peak rate)."""
     o = config.optim
@@ -420,6 +609,10 @@ def schedule_policy(config: Config) -> SchedulePolicy:
         step_size=o.step_size,
         cycle_low=o.cycle_low,
         cycle_half_steps=o.cycle_half_steps,
+        plateau_factor=o.plateau_factor,
+        plateau_patience=o.plateau_patience,
+        plateau_threshold=o.plateau_threshold,
+        plateau_cooldown=o.plateau_cooldown,
     )
 
 

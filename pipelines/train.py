@@ -8,7 +8,11 @@ route lets a Tune trial see real checkpoints later.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import inspect
+import io
+import json
 import logging
 import tempfile
 import threading
@@ -25,12 +29,19 @@ from torch.nn.parallel import DistributedDataParallel
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
 from gan.ema import GeneratorEMA
+from gan.monitor import DistanceProbe
 from gan.nn.models import Discriminator, Generator
-from gan.optim import make_optimizer
+from gan.optim import make_optimizer, set_learning_rate
 from gan.schedules import make_scheduler
 from gan.state import load_state, load_worker_rng, save_state
 from gan.step import train_step
 from pipelines.config import Config, config_from_dict, schedule_policy
+from pipelines.images import grid_image
+
+# Written beside every checkpoint's state: which run wrote it, at which step (PBT lineage).
+CHECKPOINT_OWNER = "owner.json"
+# The in-training probe's latents; the evaluate step's seeds start at 1_000_000, so these differ.
+PROBE_SEED = 2_000_000
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
 
@@ -79,6 +90,58 @@ def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
     return DistributedDataParallel(module, broadcast_buffers=False)
 
 
+def _probe(loop_config: dict[str, Any], config: Config, shape: tuple[int, ...]) -> DistanceProbe:
+    from pipelines.steps.features import load_classifier
+
+    probe = loop_config["probe"]
+    holdout = concat([read_shard(p, shape) for p in probe["holdout"]]).images
+    seeds = list(range(PROBE_SEED, PROBE_SEED + config.train.eval_samples))
+    return DistanceProbe(
+        load_classifier(probe["classifier"]),
+        to_model_range(holdout),
+        seeds,
+        config.model.latent_dim,
+    )
+
+
+def _png_base64(samples: torch.Tensor) -> str:
+    """A sample grid as base64 PNG text: small, and safe in Ray Train's JSON metrics."""
+    buffer = io.BytesIO()
+    grid_image(samples).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _broadcast_from_rank0(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return float(tensor)
+
+
+def _restore(
+    directory: str, state: dict[str, Any], rng: torch.Generator, rank: int, world: int, seed: int
+) -> int:
+    """Loads the whole training state and this worker's noise stream; returns the step."""
+    start = load_state(directory, **state)
+    own_rng = load_worker_rng(directory, rank, world)
+    if own_rng is not None:
+        rng.set_state(own_rng)
+    else:  # written by another number of workers: a fresh stream per rank and step
+        rng.manual_seed(seed * 1000 + rank + 7919 * start)
+    return start
+
+
+def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
+    """sha256 of the given state dicts (names and values): equal digests, equal networks."""
+    digest = hashlib.sha256()
+    for state_dict in state_dicts:
+        for key, tensor in sorted(state_dict.items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: reads its own shards, trains G and D under DDP, reports."""
     import ray.train
@@ -125,23 +188,75 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rng=rng,
     )
 
-    start = 0
+    start, restored = 0, {}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # this run's own checkpoint: a restart after a failure
         with checkpoint.as_directory() as directory:
-            start = load_state(directory, **state)
-            own_rng = load_worker_rng(directory, rank, world)
-        if own_rng is not None:
-            rng.set_state(own_rng)
-        else:  # written by another number of workers: a fresh stream per rank and step
-            rng.manual_seed(t.seed * 1000 + rank + 7919 * start)
+            start = _restore(directory, state, rng, rank, world, t.seed)
         if rank == 0:
             print(f"[train] resuming from the checkpoint of step {start}", flush=True)
+    elif loop_config.get("restore_from"):  # another run's checkpoint: a PBT exploit
+        start = _restore(loop_config["restore_from"], state, rng, rank, world, t.seed)
+        # load_state_dict brought the donor's hyper-parameters back; this run's own (mutated)
+        # values are the ones meant to be in effect from here on.
+        set_learning_rate(opt_g, o.lr_g)
+        set_learning_rate(opt_d, o.lr_d)
+        for optimizer in (opt_g, opt_d):
+            for group in optimizer.param_groups:
+                if "betas" in group:
+                    group["betas"] = (o.beta1, o.beta2)
+        restored = {
+            "resumed_from_step": start,
+            "restored_weights_sha256": weights_digest(
+                generator.state_dict(), discriminator.state_dict()
+            ),
+        }
+
+    # Rank 0 measures; the others receive the distance (their plateau schedules need it too).
+    probe = _probe(loop_config, config, shape) if rank == 0 and loop_config.get("probe") else None
+    evaluated = ema.module if ema is not None else generator  # what evaluate will score
 
     g_inner, d_inner = generator, discriminator
     if world > 1:
         generator, discriminator = _ddp(generator), _ddp(discriminator)
         state.update(generator=generator, discriminator=discriminator)
+
+    def report(done: int, metrics: dict[str, Any]) -> None:
+        """Adds the evaluation distance when due, and a checkpoint when due."""
+        metrics.update(restored)
+        restored.clear()
+        if probe_due(done):
+            distance = 0.0
+            if probe is not None:
+                samples = probe.samples(evaluated)
+                distance = probe.distance(samples)
+                metrics["sample_grid_png"] = _png_base64(samples[: config.eval.grid_size])
+            metrics["eval_distance"] = _broadcast_from_rank0(distance, world)
+            sched_g.report(metrics["eval_distance"])
+            sched_d.report(metrics["eval_distance"])
+        if done % t.checkpoint_every and done != t.steps:
+            ray.train.report(metrics)
+            return
+        worker_rngs = _gather(rng.get_state(), world)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_state(tmp, step=done, worker_rngs=worker_rngs, **state)
+                owner = {"owner": loop_config.get("owner", ""), "step": done}
+                (Path(tmp) / CHECKPOINT_OWNER).write_text(json.dumps(owner))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                checkpoint_dir_name=f"checkpoint_{done:08d}",
+            )
+
+    def probe_due(done: int) -> bool:
+        on = bool(loop_config.get("probe")) and t.eval_every > 0
+        return on and (done % t.eval_every == 0 or done == t.steps)
+
+    if restored and start >= t.steps:  # another run's final state: report it as this run's
+        lrs = {"lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"]}
+        report(start, {"step": start, **lrs})
+        return
 
     loss = config.loss
     sums = torch.zeros(6)
@@ -189,18 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr_d": opt_d.param_groups[0]["lr"],
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
         }
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            worker_rngs = _gather(rng.get_state(), world)
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_state(tmp, step=done, worker_rngs=worker_rngs, **state)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                    checkpoint_dir_name=f"checkpoint_{done:08d}",
-                )
-        else:
-            ray.train.report(metrics)
+        report(done, metrics)
         sums.zero_()
         window_start, window_steps = time.perf_counter(), 0
 
@@ -219,8 +323,20 @@ def run_training(
     storage_path: str,
     name: str,
     on_report: ReportHandler | None = None,
+    probe: dict[str, Any] | None = None,
+    restore_from: str | None = None,
+    owner: str = "",
 ) -> TrainingResult:
     """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint.
+
+    ``probe`` (``{"classifier": folder of fit_features, "holdout": [shard paths]}``) turns on the
+    evaluation distance every ``train.eval_every`` steps: reported as ``eval_distance`` with a
+    base64 PNG sample grid ``sample_grid_png``, and fed to reduce-on-plateau schedules.
+
+    ``restore_from`` (a checkpoint folder of another run) starts from that state with this
+    config's learning rates and Adam betas in effect; the first report then carries
+    ``resumed_from_step`` and ``restored_weights_sha256``. ``owner`` is written beside every
+    checkpoint (``owner.json``) so that a run restored from it knows whose state it took.
 
     A run with the same ``storage_path`` and ``name`` as an interrupted one continues from its
     latest checkpoint: Ray Train restores its checkpoint list from storage and the workers load
@@ -231,7 +347,8 @@ def run_training(
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
 
-    reports: Queue = Queue()
+    # No CPU: inside a Tune trial it lands in the trial's placement group, which holds almost none.
+    reports: Queue = Queue(actor_options={"num_cpus": 0})
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
@@ -244,6 +361,9 @@ def run_training(
             "config": config.to_dict(),
             "shards": shards,
             "shape": list(shape),
+            "probe": probe if config.train.eval_every else None,
+            "restore_from": restore_from,
+            "owner": owner,
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers,

@@ -1,6 +1,8 @@
-"""prepare → validate → (fit_features ‖ train) → evaluate → register."""
+"""prepare → validate → fit_features → train → evaluate → register."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from pipelines.dag import Dag, Step
 from pipelines.steps.evaluate import evaluate
@@ -8,6 +10,7 @@ from pipelines.steps.features import fit_features
 from pipelines.steps.prepare import prepare
 from pipelines.steps.register import register
 from pipelines.steps.training import train
+from pipelines.steps.tuning import tune
 from pipelines.steps.validate import validate
 
 PREPARE = Step("prepare", prepare, outputs=("dataset",), config_sections=("data",))
@@ -24,9 +27,10 @@ FIT_FEATURES = Step(
 TRAIN = Step(
     "train",
     train,
-    inputs={"dataset": "validate.dataset"},
+    # The classifier scores the generator while it trains (train.eval_every).
+    inputs={"dataset": "validate.dataset", "classifier": "fit_features.classifier"},
     outputs=("checkpoint", "shape"),
-    config_sections=("model", "optim", "train"),
+    config_sections=("model", "optim", "loss", "ema", "train"),
     num_cpus=0,  # the step only waits on Ray Train; its workers hold the CPUs
     retries=1,  # a rerun continues from the last checkpoint in the step's folder
     retry_on=(OSError,),
@@ -57,5 +61,18 @@ REGISTER = Step(
 )
 
 
+TUNE = replace(TRAIN, name="tune", fn=tune, config_sections=(*TRAIN.config_sections, "tune"))
+
+
 def default_dag() -> Dag:
     return Dag((PREPARE, VALIDATE, FIT_FEATURES, TRAIN, EVALUATE, REGISTER))
+
+
+def tune_dag() -> Dag:
+    """The same pipeline with population-based training in place of train."""
+
+    def from_tune(step: Step) -> Step:
+        inputs = {k: v.replace("train.", "tune.") for k, v in step.inputs.items()}
+        return replace(step, inputs=inputs)
+
+    return Dag((PREPARE, VALIDATE, FIT_FEATURES, TUNE, from_tune(EVALUATE), from_tune(REGISTER)))

@@ -1,7 +1,8 @@
 """fit_features: the feature-extractor classifier, trained on the dataset's own labels.
 
-It depends only on the data, so it runs while the GAN trains, and its fingerprint does not change
-when only training settings do: a rerun with new learning rates reuses it.
+It depends only on the data, so its fingerprint does not change when only training settings do:
+a rerun with new learning rates reuses it. The train step uses it too, to measure the evaluation
+distance while the GAN trains.
 """
 
 from __future__ import annotations

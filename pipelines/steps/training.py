@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
 from pipelines.train import run_training
 
 
-def train(ctx: StepContext, dataset: str) -> dict[str, Any]:
+def split_files(dataset: str, manifest: dict[str, Any], split: str) -> list[str]:
+    return [str(Path(dataset) / f["file"]) for f in manifest["splits"][split]["files"]]
+
+
+def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
     manifest = json.loads((Path(dataset) / MANIFEST).read_text())
-    shards = [str(Path(dataset) / f["file"]) for f in manifest["splits"]["train"]["files"]]
     t = ctx.config.train
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
-        step = int(metrics["step"])
-        ctx.logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        step = int(metrics.pop("step"))
+        grid = metrics.pop("sample_grid_png", None)
+        ctx.logger.log_metrics(metrics, step=step)
+        if grid is not None:  # the UI's image slider shows the generator improving
+            image = Image.open(io.BytesIO(base64.b64decode(grid)))
+            ctx.logger.client.log_image(
+                ctx.logger.run_id, image, key="samples", step=step, synchronous=True
+            )
         eta = (t.steps - step) * t.batch_size / max(metrics["images_per_s"], 1e-9)
+        distance = f" distance {metrics['eval_distance']:.2f}" if "eval_distance" in metrics else ""
         ctx.log(
             f"step {step}/{t.steps} loss_d {metrics['loss_d']:.3f} loss_g {metrics['loss_g']:.3f} "
-            f"D(x) {metrics['d_real']:.2f} D(G(z)) {metrics['d_fake']:.2f} "
+            f"D(x) {metrics['d_real']:.2f} D(G(z)) {metrics['d_fake']:.2f}{distance} "
             f"{metrics['images_per_s']:.0f} img/s eta {eta:.0f}s"
             + (" [checkpoint]" if checkpoint else "")
         )
@@ -30,13 +44,14 @@ def train(ctx: StepContext, dataset: str) -> dict[str, Any]:
     ctx.log(f"{t.workers} workers x {t.batch_size // t.workers} images, {t.steps} steps")
     result = run_training(
         ctx.config,
-        shards=shards,
+        shards=split_files(dataset, manifest, "train"),
         shape=tuple(manifest["shape"]),
         # Inside the step's content-addressed folder: a rerun of the same training after a crash
         # finds Ray Train's checkpoints there and continues from the latest one.
         storage_path=str(ctx.output_dir / "ray"),
         name="train",
         on_report=on_report,
+        probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
     )
     ctx.logger.log_artifact(Path(result.checkpoint_path) / "state.pt", "checkpoint")
     return {"checkpoint": result.checkpoint_path, "shape": manifest["shape"]}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -36,11 +37,11 @@ def test_every_step_is_a_finished_nested_run(smoke_run):
         assert run.data.metrics["duration_s"] > 0
 
 
-def test_feature_classifier_trains_while_the_gan_trains(smoke_run):
+def test_the_feature_classifier_is_ready_before_training_measures_with_it(smoke_run):
     _, result = smoke_run
     features, train = result.steps["fit_features"], result.steps["train"]
     assert features.status == train.status == "ran"
-    assert features.started < train.ended and train.started < features.ended
+    assert features.ended <= train.started
 
 
 def test_model_version_leads_back_to_run_data_and_commit(smoke_run):
@@ -56,7 +57,7 @@ def test_model_version_leads_back_to_run_data_and_commit(smoke_run):
     assert "train --> evaluate" in Path(dag_text).read_text()
 
 
-def test_rerun_with_a_new_learning_rate_reuses_data_and_features(smoke_run):
+def test_rerun_with_new_training_settings_reuses_data_and_features(smoke_run):
     from pipelines.config import load_config
     from pipelines.runner import run_pipeline
     from pipelines.steps.default_dag import default_dag
@@ -66,7 +67,15 @@ def test_rerun_with_a_new_learning_rate_reuses_data_and_features(smoke_run):
     assert {s.status for s in again.steps.values()} == {"cached"}
     assert again.outputs["register"] == first.outputs["register"]  # no new model version
 
-    changed = load_config("smoke", [f"workdir={config.workdir}", "train.steps=20"])
+    # Reduce-on-plateau with a threshold no distance can meet: the second evaluation (step 20)
+    # is a stall, and with patience 0 the rate is halved there.
+    changed = load_config(
+        "smoke",
+        [
+            f"workdir={config.workdir}", "train.steps=20", "train.eval_every=10",
+            "optim.decay=plateau", "optim.plateau_patience=0", "optim.plateau_threshold=0.99",
+        ],
+    )  # fmt: skip
     result = run_pipeline(default_dag(), changed)
     assert {n: s.status for n, s in result.steps.items()} == {
         "prepare": "cached",
@@ -77,6 +86,12 @@ def test_rerun_with_a_new_learning_rate_reuses_data_and_features(smoke_run):
         "register": "ran",
     }
     assert result.outputs["register"]["version"] == "2"
+    state = torch.load(Path(result.outputs["train"]["checkpoint"]) / "state.pt", weights_only=True)
+    assert state["sched_g"]["plateau_scale"] == state["sched_d"]["plateau_scale"] == 0.5
+    distances = MlflowClient(config.resolved_tracking_uri).get_metric_history(
+        result.steps["train"].run_id, "eval_distance"
+    )
+    assert [m.step for m in distances] == [10, 20]
 
 
 def test_training_metrics_arrive_per_report(smoke_run):
@@ -95,6 +110,11 @@ def test_training_metrics_arrive_per_report(smoke_run):
     assert lr_g[-1] == pytest.approx(config.optim.lr_g * config.optim.min_lr_factor)
     artifacts = [a.path for a in client.list_artifacts(train_run.info.run_id, "checkpoint")]
     assert artifacts == ["checkpoint/state.pt"]
+    # The in-training evaluation (train.eval_every=30 in the smoke preset) and its sample grid.
+    distance = client.get_metric_history(train_run.info.run_id, "eval_distance")
+    assert [m.step for m in distance] == [30] and np.isfinite(distance[0].value)
+    images = [a.path for a in client.list_artifacts(train_run.info.run_id, "images")]
+    assert any(p.startswith("images/samples+step+30+") and p.endswith(".png") for p in images)
 
 
 def test_dataset_shards_and_manifest(smoke_run):
@@ -115,6 +135,7 @@ def test_evaluation_reports_floor_and_baseline(smoke_run):
     _, result = smoke_run
     metrics = result.outputs["evaluate"]["metrics"]
     assert 0 <= metrics["frechet_distance_floor"] < metrics["frechet_distance_gaussian"]
+    assert metrics["frechet_distance_floor"] < metrics["frechet_distance_gmm"]
     assert metrics["frechet_distance"] > 0
     assert 1 <= metrics["class_coverage"] <= 10
     assert metrics["classifier_accuracy"] > 0.5

@@ -64,7 +64,9 @@ def test_round_trip_through_dict():
         ("optim.warmup_steps=2000", ["optim.warmup_steps", "below train.steps"]),
         ("optim.g_optimizer=lamb", ["optim.g_optimizer", "adam, adamw, rmsprop, sgd"]),
         ("optim.gamma=2", ["optim:", "gamma", "(0, 1]"]),
-        ("optim.decay=plateau", ["optim.decay", "cyclic_triangular2"]),
+        ("optim.decay=plateau train.eval_every=0", ["optim.decay=plateau", "train.eval_every"]),
+        ("train.eval_every=25", ["train.eval_every", "multiple of train.report_every"]),
+        ("eval.sampling_mode=average", ["eval.sampling_mode", "eval, train"]),
         ("optim.warmup=none", ["optim:", "warmup_steps"]),
         ("optim.warmup=cubic", ["optim.warmup", "none, linear, exponential"]),
         ("train.steps", ["key=value"]),
@@ -72,7 +74,7 @@ def test_round_trip_through_dict():
 )
 def test_bad_values_are_refused_with_the_key_named(override, words):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     for word in words:
         assert word in str(info.value)
 

@@ -50,6 +50,9 @@ def test_fingerprint_changes_with_own_params_and_inputs_only():
     assert fp == fingerprint(train, load_config("smoke"), {"validate": "v1"})
     assert fp != fingerprint(train, load_config("smoke", ["optim.lr_g=1e-3"]), {"validate": "v1"})
     assert fp != fingerprint(train, base, {"validate": "v2"})
+    # Everything the training loop reads is in its fingerprint: the loss and EMA sections too.
+    for override in ("loss.kind=hinge", "ema.enabled=true", "train.eval_every=10"):
+        assert fp != fingerprint(train, load_config("smoke", [override]), {"validate": "v1"})
     # An evaluation-only change does not touch the training fingerprint.
     assert fp == fingerprint(train, load_config("smoke", ["eval.samples=50"]), {"validate": "v1"})
 
@@ -71,7 +74,7 @@ def test_code_change_changes_the_fingerprint():
 def test_downstream_and_fingerprints_of_the_default_dag():
     dag = default_dag()
     assert dag.downstream({"train"}) == {"train", "evaluate", "register"}
-    assert dag.downstream({"fit_features"}) == {"fit_features", "evaluate", "register"}
+    assert dag.downstream({"fit_features"}) == {"fit_features", "train", "evaluate", "register"}
     base = dag.fingerprints(load_config("smoke"))
     new_lr = dag.fingerprints(load_config("smoke", ["optim.lr_g=1e-3"]))
     changed = {name for name in base if base[name] != new_lr[name]}
