@@ -249,7 +249,7 @@ class RunLogger:
         if outage is not None and outage.reported:
             print(
                 f"ganpipe: tracking server {self.tracking_uri} reachable again after "
-                f"{time.monotonic() - outage.since:.0f}s; buffered metrics delivered",
+                f"{time.monotonic() - outage.since:.0f}s; sending what was buffered",
                 file=sys.stderr,
                 flush=True,
             )
