@@ -106,6 +106,11 @@ def test_smoke_pipeline_logs_everything_through_the_server(ray_session, mlflow_s
     version = client.get_model_version("server-model", register["version"])
     assert version.run_id == by_step["register"].info.run_id
     assert version.status == "READY"
+    # The model's files, too, went through the server.
+    location = version.source
+    if location.startswith("models:/"):  # a LoggedModel: models:/m-…
+        location = client.get_logged_model(location.split("/")[1]).artifact_location
+    assert location.startswith("mlflow-artifacts:"), version.source
     # Nothing went to the embedded store.
     assert not (workdir / "mlflow.db").exists()
 
