@@ -29,12 +29,15 @@ def save_state(
     rng: torch.Generator,
     worker_rngs: list[torch.Tensor] | None = None,
     ema: Any = None,
+    extras: dict[str, Any] | None = None,
 ) -> Path:
     """Write the whole training state into ``directory`` and return the file path.
 
     ``worker_rngs`` holds every data-parallel worker's generator state (index = rank), so that
     each worker resumes its own stream of batches and noise. ``ema`` (a GeneratorEMA) is stored
-    as ``generator_ema``: the weights to evaluate and serve.
+    as ``generator_ema``: the weights to evaluate and serve. ``extras`` maps names to any other
+    objects with ``state_dict``/``load_state_dict`` (the adaptive-augmentation controller, LeCam
+    anchors); their states must hold only tensors and plain Python values.
     """
     path = Path(directory) / STATE_FILE
     torch.save(
@@ -50,6 +53,7 @@ def save_state(
             "torch_rng": torch.get_rng_state(),
             "worker_rngs": list(worker_rngs or []),
             **({"generator_ema": ema.state_dict()} if ema is not None else {}),
+            "extras": {name: obj.state_dict() for name, obj in (extras or {}).items()},
         },
         path,
     )
@@ -67,8 +71,11 @@ def load_state(
     sched_d: Any,
     rng: torch.Generator,
     ema: Any = None,
+    extras: dict[str, Any] | None = None,
 ) -> int:
-    """Restore everything ``save_state`` wrote; return the step to continue from."""
+    """Restore everything ``save_state`` wrote; return the step to continue from. An object of
+    ``extras`` that the checkpoint has no state for keeps its own (e.g. a run that turned
+    adaptive augmentation on when resumed)."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     unwrap(generator).load_state_dict(state["generator"])
     unwrap(discriminator).load_state_dict(state["discriminator"])
@@ -79,6 +86,10 @@ def load_state(
     rng.set_state(state["rng"])
     if ema is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
+    saved_extras = state.get("extras", {})
+    for name, obj in (extras or {}).items():
+        if name in saved_extras:
+            obj.load_state_dict(saved_extras[name])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 

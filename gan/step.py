@@ -35,7 +35,9 @@ class StepStats:
     ``d_real``/``d_fake`` are the mean sigmoid of the logits, whatever the loss.
     ``real_sign`` is the mean of sign(D(real)) over the (augmented) reals D saw, ADA's overfitting
     signal (mean over the D updates); ``lecam`` and ``consistency`` are the unweighted
-    regularizers (zero when unused), means over the D updates.
+    regularizers (zero when unused), means over the D updates. ``grad_norm_g``/``grad_norm_d``
+    are the L2 norms of all of G's / D's gradients before their optimizer steps (under DDP: of the
+    averaged gradients), D's the mean over its updates.
     """
 
     loss_d: torch.Tensor
@@ -47,6 +49,8 @@ class StepStats:
     real_sign: torch.Tensor = field(default_factory=_zero)
     lecam: torch.Tensor = field(default_factory=_zero)
     consistency: torch.Tensor = field(default_factory=_zero)
+    grad_norm_g: torch.Tensor = field(default_factory=_zero)
+    grad_norm_d: torch.Tensor = field(default_factory=_zero)
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -156,7 +160,7 @@ def train_step(
     batch = real.shape[0]
 
     losses_d, d_reals, d_fakes, r1s, gps = [], [], [], [], []
-    signs, lecams, consistencies = [], [], []
+    signs, lecams, consistencies, grad_norms_d = [], [], [], []
     for i in range(d_steps):
         z = _noise(batch, latent_dim, rng, real.device)
         frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
@@ -189,6 +193,7 @@ def train_step(
             consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
         total.backward()
+        grad_norms_d.append(_grad_norm(d_inner))
         opt_d.step()
         losses_d.append(loss_d.detach())
         d_reals.append(torch.sigmoid(real_logits.detach()).mean())
@@ -201,6 +206,7 @@ def train_step(
         loss_g = g_loss_fn(d_inner(view(generator(z))))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        grad_norm_g = _grad_norm(g_inner)
         opt_g.step()
     finally:
         set_requires_grad(d_inner, True)
@@ -219,7 +225,17 @@ def train_step(
         real_sign=_mean(signs, zero),
         lecam=_mean(lecams, zero),
         consistency=_mean(consistencies, zero),
+        grad_norm_g=grad_norm_g,
+        grad_norm_d=_mean(grad_norms_d, zero),
     )
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients of ``module`` (detached; zero when it has none)."""
+    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 __all__ = ["StepStats", "recompute_bn_statistics", "set_requires_grad", "train_step"]

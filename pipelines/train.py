@@ -28,42 +28,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
-from gan.ema import GeneratorEMA
 from gan.monitor import DistanceProbe
-from gan.nn.models import Discriminator, Generator
-from gan.optim import make_optimizer, set_learning_rate
-from gan.schedules import make_scheduler
-from gan.state import load_state, load_worker_rng, save_state
-from gan.step import train_step
-from pipelines.config import Config, config_from_dict, schedule_policy
+from gan.state import save_state
+from pipelines.config import Config, config_from_dict
 from pipelines.images import grid_image
+from pipelines.loop import TrainingState
+from pipelines.seeds import PROBE_SEED
 
 # Written beside every checkpoint's state: which run wrote it, at which step (PBT lineage).
 CHECKPOINT_OWNER = "owner.json"
-# The in-training probe's latents; the evaluate step's seeds start at 1_000_000, so these differ.
-PROBE_SEED = 2_000_000
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
-
-
-def build_models(config: Config, channels: int) -> tuple[Generator, Discriminator]:
-    m = config.model
-    generator = Generator(
-        latent_dim=m.latent_dim,
-        resolution=config.data.resolution,
-        channels=channels,
-        width=m.g_width,
-        norm=m.g_norm,
-        g_output_norm=m.g_output_norm,
-    )
-    discriminator = Discriminator(
-        resolution=config.data.resolution,
-        channels=channels,
-        width=m.d_width,
-        norm=m.d_norm,
-        d_input_norm=m.d_input_norm,
-    )
-    return generator, discriminator
 
 
 def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
@@ -119,19 +94,6 @@ def _broadcast_from_rank0(value: float, world: int) -> float:
     return float(tensor)
 
 
-def _restore(
-    directory: str, state: dict[str, Any], rng: torch.Generator, rank: int, world: int, seed: int
-) -> int:
-    """Loads the whole training state and this worker's noise stream; returns the step."""
-    start = load_state(directory, **state)
-    own_rng = load_worker_rng(directory, rank, world)
-    if own_rng is not None:
-        rng.set_state(own_rng)
-    else:  # written by another number of workers: a fresh stream per rank and step
-        rng.manual_seed(seed * 1000 + rank + 7919 * start)
-    return start
-
-
 def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
     """sha256 of the given state dicts (names and values): equal digests, equal networks."""
     digest = hashlib.sha256()
@@ -142,6 +104,19 @@ def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _quiet_ray_train_reports() -> None:
+    """The driver prints one progress line per report; Ray Train's workers would also log every
+    report's whole metrics (a sample grid included) at INFO, through a logger named after its
+    source file rather than under ``ray.train``."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray version: only noise is at stake
+        pass
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: reads its own shards, trains G and D under DDP, reports."""
     import ray.train
@@ -149,8 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     config = config_from_dict(loop_config["config"])
     t = config.train
-    # The driver prints one progress line per report; Ray Train's own per-report INFO is noise.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_reports()
     torch.set_num_threads(t.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -160,66 +134,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     own_shards = loop_config["shards"][rank::world]
     data = to_model_range(concat([read_shard(p, shape) for p in own_shards]).images)
     local_batch = t.batch_size // world
-
-    torch.manual_seed(t.seed)  # identical initial weights on every worker
-    generator, discriminator = build_models(config, channels=shape[0])
-    generator.to(device)
-    discriminator.to(device)
-    o = config.optim
-    hyper = dict(betas=(o.beta1, o.beta2), momentum=o.momentum, weight_decay=o.weight_decay)
-    opt_g = make_optimizer(o.g_optimizer, generator.parameters(), lr=o.lr_g, **hyper)
-    opt_d = make_optimizer(o.d_optimizer, discriminator.parameters(), lr=o.lr_d, **hyper)
-    policy = schedule_policy(config)
-    sched_g, sched_d = make_scheduler(opt_g, policy), make_scheduler(opt_d, policy)
-    rng = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each worker its own noise
-    ema = (
-        GeneratorEMA(generator, decay=config.ema.decay, start_step=config.ema.start_step)
-        if config.ema.enabled
-        else None
-    )
-    state = dict(
-        ema=ema,
-        generator=generator,
-        discriminator=discriminator,
-        opt_g=opt_g,
-        opt_d=opt_d,
-        sched_g=sched_g,
-        sched_d=sched_d,
-        rng=rng,
-    )
+    state = TrainingState(config, channels=shape[0], device=device, rank=rank)
 
     start, restored = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # this run's own checkpoint: a restart after a failure
         with checkpoint.as_directory() as directory:
-            start = _restore(directory, state, rng, rank, world, t.seed)
+            start = state.restore(directory, rank, world)
         if rank == 0:
             print(f"[train] resuming from the checkpoint of step {start}", flush=True)
     elif loop_config.get("restore_from"):  # another run's checkpoint: a PBT exploit
-        start = _restore(loop_config["restore_from"], state, rng, rank, world, t.seed)
-        # load_state_dict brought the donor's hyper-parameters back; this run's own (mutated)
-        # values are the ones meant to be in effect from here on.
-        set_learning_rate(opt_g, o.lr_g)
-        set_learning_rate(opt_d, o.lr_d)
-        for optimizer in (opt_g, opt_d):
-            for group in optimizer.param_groups:
-                if "betas" in group:
-                    group["betas"] = (o.beta1, o.beta2)
+        start = state.restore(loop_config["restore_from"], rank, world)
+        state.adopt_configured_hyperparameters()
         restored = {
             "resumed_from_step": start,
             "restored_weights_sha256": weights_digest(
-                generator.state_dict(), discriminator.state_dict()
+                state.generator.state_dict(), state.discriminator.state_dict()
             ),
         }
 
     # Rank 0 measures; the others receive the distance (their plateau schedules need it too).
     probe = _probe(loop_config, config, shape) if rank == 0 and loop_config.get("probe") else None
-    evaluated = ema.module if ema is not None else generator  # what evaluate will score
-
-    g_inner, d_inner = generator, discriminator
+    generator, discriminator = state.generator, state.discriminator
     if world > 1:
         generator, discriminator = _ddp(generator), _ddp(discriminator)
-        state.update(generator=generator, discriminator=discriminator)
 
     def report(done: int, metrics: dict[str, Any]) -> None:
         """Adds the evaluation distance when due, and a checkpoint when due."""
@@ -228,19 +166,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if probe_due(done):
             distance = 0.0
             if probe is not None:
-                samples = probe.samples(evaluated)
+                samples = probe.samples(state.evaluated)
                 distance = probe.distance(samples)
                 metrics["sample_grid_png"] = _png_base64(samples[: config.eval.grid_size])
             metrics["eval_distance"] = _broadcast_from_rank0(distance, world)
-            sched_g.report(metrics["eval_distance"])
-            sched_d.report(metrics["eval_distance"])
+            state.report_plateau(metrics["eval_distance"])
         if done % t.checkpoint_every and done != t.steps:
             ray.train.report(metrics)
             return
-        worker_rngs = _gather(rng.get_state(), world)
+        worker_rngs = _gather(state.rng.get_state(), world)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_state(tmp, step=done, worker_rngs=worker_rngs, **state)
+                save_state(tmp, step=done, worker_rngs=worker_rngs, **state.checkpoint_parts())
                 owner = {"owner": loop_config.get("owner", ""), "step": done}
                 (Path(tmp) / CHECKPOINT_OWNER).write_text(json.dumps(owner))
             ray.train.report(
@@ -254,37 +191,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return on and (done % t.eval_every == 0 or done == t.steps)
 
     if restored and start >= t.steps:  # another run's final state: report it as this run's
-        lrs = {"lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"]}
-        report(start, {"step": start, **lrs})
+        report(start, {"step": start, **state.rates()})
         return
 
     loss = config.loss
-    sums = torch.zeros(6)
+    sums = torch.zeros(10)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, t.steps):
-        index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
-        stats = train_step(
-            generator=generator,
-            discriminator=discriminator,
-            opt_g=opt_g,
-            opt_d=opt_d,
-            real=data[index].to(device),
-            latent_dim=config.model.latent_dim,
-            rng=rng,
-            generator_inner=g_inner,
-            discriminator_inner=d_inner,
-            loss=loss.kind,
-            gp_weight=loss.gp_weight,
-            r1_gamma=loss.r1_gamma,
-            r1_interval=loss.r1_interval,
-            d_steps=loss.d_steps,
-            step=step,
-            freeze_g_stats_in_d_phase=t.freeze_g_stats_in_d_phase,
-            ema=ema,
-        )
-        sched_g.step()
-        sched_d.step()
-        figures = [stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp]
+        index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
+        stats = state.step(data[index].to(device), step, generator, discriminator)
+        state.adapt_augmentation(stats, step, average=_mean_across_workers)
+        figures = [
+            stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
+            stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,
+        ]  # fmt: skip
         sums += torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures]).cpu()
         window_steps += 1
         done = step + 1
@@ -292,6 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         means = _mean_across_workers(sums / window_steps)
         elapsed = time.perf_counter() - window_start
+        augment, ada = state.augment, state.ada
         metrics = {
             "step": done,
             "loss_d": float(means[0]),
@@ -300,8 +221,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "d_fake": float(means[3]),
             **({"r1": float(means[4])} if loss.r1_gamma > 0 else {}),
             **({"gradient_penalty": float(means[5])} if loss.gp_weight > 0 else {}),
-            "lr_g": opt_g.param_groups[0]["lr"],
-            "lr_d": opt_d.param_groups[0]["lr"],
+            **({"lecam": float(means[6])} if loss.lecam_weight > 0 else {}),
+            **({"consistency": float(means[7])} if loss.consistency_weight > 0 else {}),
+            "grad_norm_g": float(means[8]),
+            "grad_norm_d": float(means[9]),
+            **({"augment_p": augment.p} if augment is not None else {}),
+            **({"ada_signal": ada.signal} if ada is not None and ada.signal is not None else {}),
+            **state.rates(),
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
         }
         report(done, metrics)

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from gan.data.arrays import from_model_range, to_model_range
+from gan.data.arrays import to_model_range
 from gan.metrics import (
     class_coverage,
     classifier_inception_score,
@@ -28,32 +27,43 @@ from gan.metrics import (
     fit_gaussian_mixture,
     frechet_distance,
     kernel_inception_distance,
+    load_inception_extractor,
     mean_confidence,
     memorization_ratio,
     precision_recall,
 )
-from gan.sampling import generate, image_grid, latents_from_seeds
+from gan.nn.normalization import batch_norm_layers, recompute_bn_statistics
+from gan.sampling import generate, latents_from_seeds
 from gan.state import load_generator_weights
 from pipelines.dag import StepContext
+from pipelines.images import grid_image
+from pipelines.loop import build_models
+from pipelines.seeds import EVAL_SEED, STANDING_STATS_SEED
 from pipelines.steps.features import load_classifier
 from pipelines.steps.validate import load_split
-from pipelines.train import build_models
 
-EVAL_SEED = 1_000_000  # sample seeds start here; fixed so runs are comparable
 GMM_COMPONENTS = 10  # one per digit class; fitting takes about 5 s on the digits (one core)
 GMM_MAX_IMAGES = 5000  # EM costs K * N * D^2 per iteration: bound N on MNIST or CIFAR-10
 
 
+
 def load_generator(config: Any, checkpoint: str, channels: int) -> torch.nn.Module:
+    """The trained generator, ready to sample as ``eval.sampling_mode`` says: with standing
+    batch-norm statistics when ``eval.standing_stats_batches`` asks for them."""
     generator, _ = build_models(config, channels)
     generator.load_state_dict(load_generator_weights(checkpoint))
-    return generator.eval()
+    batches = config.eval.standing_stats_batches
+    if batches and batch_norm_layers(generator):
+        size, dim = config.train.batch_size, config.model.latent_dim
+        recompute_bn_statistics(
+            generator,
+            (latents_from_seeds([STANDING_STATS_SEED + i], dim, [size]) for i in range(batches)),
+        )
+    return generator.train(config.eval.sampling_mode == "train")
 
 
 def save_grid(images: torch.Tensor, path: Path) -> Path:
-    grid = from_model_range(image_grid(images))  # (C, H, W) uint8
-    array = grid[0] if grid.shape[0] == 1 else np.transpose(grid, (1, 2, 0))
-    Image.fromarray(array).save(path)
+    grid_image(images).save(path)
     return path
 
 
@@ -109,6 +119,13 @@ def evaluate(
         "sample_to_train_distance": memorization["sample_to_train"],
         "holdout_to_train_distance": memorization["holdout_to_train"],
     }
+    if cfg.eval.inception_weights:  # the classic FID, for users who have the weights on disk
+        inception = load_inception_extractor(cfg.eval.inception_weights)
+        ctx.log(f"Inception features of {len(samples) + len(holdout_x)} images (slow on CPU)")
+        metrics["fid_inception"] = frechet_distance(
+            inception.features(samples).numpy().astype(np.float64),
+            inception.features(holdout_x).numpy().astype(np.float64),
+        )
     ctx.logger.log_metrics(metrics)
     grid = save_grid(samples[: cfg.eval.grid_size], ctx.output_dir / "samples.png")
     ctx.logger.log_artifact(grid, "samples")

@@ -216,6 +216,9 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
             "loss.kind=hinge", "loss.r1_gamma=1", "loss.r1_interval=2", "ema.enabled=true",
             "ema.decay=0.9", "train.freeze_g_stats_in_d_phase=true", "optim.g_optimizer=adamw",
             "optim.decay=cyclic_triangular2", "optim.cycle_half_steps=5",
+            "augment.kinds=translation,cutout", "augment.adaptive=true", "augment.p=0",
+            "augment.interval=2", "augment.adjust_speed=100", "augment.target=-0.9",
+            "loss.lecam_weight=0.1",
         ],
     )  # fmt: skip
     result = run_pipeline(default_dag(), config)
@@ -229,6 +232,15 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
     assert [m.step for m in r1] == [10, 20, 30] and all(m.value > 0 for m in r1)
     lr = [m.value for m in client.get_metric_history(result.steps["train"].run_id, "lr_g")]
     assert len(set(lr)) == 3  # the cyclic policy moved the rate between reports
+    # Adaptive augmentation: with a target below any plausible E[sign(D(real))], p rises from 0
+    # (by 32 images / 100 per adjustment); it is logged per report and checkpointed.
+    p = [m.value for m in client.get_metric_history(result.steps["train"].run_id, "augment_p")]
+    assert len(p) == 3 and 0 < p[0] <= p[-1] <= 1
+    assert state["extras"]["adaptive_augment"]["p"] == pytest.approx(p[-1])
+    assert set(state["extras"]) == {"adaptive_augment", "lecam"}
+    for name in ("grad_norm_g", "grad_norm_d", "lecam"):
+        history = client.get_metric_history(result.steps["train"].run_id, name)
+        assert [m.step for m in history] == [10, 20, 30], name
     assert np.isfinite(result.outputs["evaluate"]["metrics"]["frechet_distance"])
 
     import mlflow

@@ -67,6 +67,9 @@ def test_round_trip_through_dict():
         ("optim.decay=plateau train.eval_every=0", ["optim.decay=plateau", "train.eval_every"]),
         ("train.eval_every=25", ["train.eval_every", "multiple of train.report_every"]),
         ("eval.sampling_mode=average", ["eval.sampling_mode", "eval, train"]),
+        ("eval.inception_weights=/nonexistent/w.pth", ["eval.inception_weights", "downloaded"]),
+        ("tune.mutate=lr_g,momentum", ["tune.mutate", "momentum", "lr_g, lr_d, beta1, d_steps"]),
+        ("tune.population=1", ["tune.population", ">= 2"]),
         ("optim.warmup=none", ["optim:", "warmup_steps"]),
         ("optim.warmup=cubic", ["optim.warmup", "none, linear, exponential"]),
         ("train.steps", ["key=value"]),
@@ -134,3 +137,18 @@ def test_cli_refuses_overrides_with_resume(tmp_path):
     result = _cli("run", "--resume", "0123abcd", "optim.lr_g=1", f"workdir={tmp_path}")
     assert result.returncode == 2
     assert "only workdir, tracking_uri, experiment may be given" in result.stderr
+
+
+def test_population_based_training_needs_the_distance_at_every_perturbation():
+    from pipelines.config import validate_population
+
+    validate_population(load_config("pbt"))
+    for overrides, words in (
+        (["train.eval_every=0"], ["tune.perturbation_interval", "train.eval_every"]),
+        (["tune.perturbation_interval=300"], ["multiple of train.eval_every (250"]),
+        (["tune.perturbation_interval=2000"], ["below train.steps"]),
+    ):
+        with pytest.raises(ConfigError) as info:
+            validate_population(load_config("pbt", overrides))
+        for word in words:
+            assert word in str(info.value)

@@ -886,3 +886,43 @@ def test_consistency_enters_the_discriminator_gradient():
     for (name, p), (_, p_ref) in zip(d.named_parameters(), d_ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
     assert stats.lecam.item() == 0.0
+
+
+# ------------------------------------------------------------------ gradient norms and extras
+
+
+def _norm_of_grads(module: nn.Module) -> float:
+    return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in module.parameters()))
+
+
+def test_gradient_norms_are_those_of_the_gradients_each_optimizer_stepped_with():
+    g, d = _models(31)
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    # The G phase freezes D, so D keeps the gradients of its own update (and G those of its).
+    assert stats.grad_norm_d.item() == pytest.approx(_norm_of_grads(d), rel=1e-5)
+    assert stats.grad_norm_g.item() == pytest.approx(_norm_of_grads(g), rel=1e-5)
+    assert stats.grad_norm_g.item() > 0 and stats.grad_norm_d.item() > 0
+
+
+def test_extra_state_round_trips_and_missing_extras_keep_their_own(tmp_path):
+    from gan.augment import AdaptiveAugment
+    from gan.losses import LeCamAnchors
+
+    a = _Setup(0)
+    ada = AdaptiveAugment(interval=1, adjust_speed=100, p=0.0)
+    ada.update(1.0, images=30)  # D sure of the reals: p rises to 0.3
+    anchors = LeCamAnchors()
+    anchors.update(torch.ones(4), -torch.ones(4))
+    save_state(tmp_path, step=3, extras={"ada": ada, "lecam": anchors}, **a.parts())
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert set(state["extras"]) == {"ada", "lecam"}
+
+    b = _Setup(1)
+    ada_b, anchors_b, untouched = AdaptiveAugment(p=0.9), LeCamAnchors(), AdaptiveAugment(p=0.5)
+    load_state(tmp_path, extras={"ada": ada_b, "lecam": anchors_b, "new": untouched}, **b.parts())
+    assert ada_b.p == pytest.approx(0.3) and ada_b.state_dict() == ada.state_dict()
+    assert torch.equal(anchors_b.real, anchors.real) and torch.equal(anchors_b.fake, anchors.fake)
+    assert untouched.p == 0.5
