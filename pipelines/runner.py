@@ -128,6 +128,7 @@ def _execute(
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         outputs = step.fn(ctx, **inputs)
+        logger.flush()  # metrics this process buffered while the tracking server was away
     except Exception as exc:
         # The traceback goes to MLflow; a plain, picklable exception travels back to the driver.
         logger.log_dict({"traceback": traceback.format_exc()}, f"error-attempt{attempt}.json")
@@ -180,6 +181,11 @@ def run_pipeline(
     rerun = dag.downstream(set(force))
     result = PipelineResult(run_id=parent.run_id)
     execute = ray.remote(_execute)
+    # Ray Train's placement-group cleaner (in a step's descendants) finds its cluster through the
+    # State API, which gives up when a machine runs two Ray instances unless RAY_ADDRESS names
+    # one; a leaked placement group then starves every later worker group.
+    gcs_address = os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
+    step_environment = {"env_vars": {"RAY_ADDRESS": gcs_address}}
     running: dict[Any, tuple[Step, RunLogger, int, float]] = {}
 
     def record(name: str, outcome: StepOutcome) -> None:
@@ -198,7 +204,8 @@ def run_pipeline(
         suffix = f" (attempt {attempt})" if attempt > 1 else ""
         print(f"[{step.name}] started{suffix}", flush=True)
         ref = execute.options(
-            num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=0, name=step.name
+            num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=0, name=step.name,
+            runtime_env=step_environment,
         ).remote(
             step, config.to_dict(), logger, str(output_dir(config, step.name, fp)),
             parent.run_id, attempt, inputs,

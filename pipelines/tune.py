@@ -31,6 +31,8 @@ from pipelines.train import CHECKPOINT_OWNER, run_training
 # Where each mutable hyper-parameter lives in the config.
 CONFIG_KEYS = {"lr_g": ("optim", "lr_g"), "lr_d": ("optim", "lr_d"),
                "beta1": ("optim", "beta1"), "d_steps": ("loss", "d_steps")}  # fmt: skip
+# What the first report after a restore says about it (see run_training).
+RESTORE_KEYS = ("resumed_from_step", "restored_weights_sha256")
 TRIAL_CPUS = 0.1  # the trial function only waits on its Ray Train workers, which hold the CPUs
 
 ResultHandler = Callable[[str, dict[str, Any], dict[str, Any]], None]
@@ -94,6 +96,7 @@ def _trial(params: dict[str, Any]) -> None:
     extra: dict[str, Any] = {}
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
+        extra.update({k: metrics.pop(k) for k in RESTORE_KEYS if k in metrics})
         if "eval_distance" not in metrics:
             return  # PBT ranks at evaluations only; the rest is for progress
         metrics.pop("sample_grid_png", None)
@@ -129,11 +132,15 @@ def _train(config, params, trial_dir, attempt, trial_id, on_report, restore_from
 
 @dataclass
 class Exploit:
+    """``trial`` took ``donor``'s checkpoint of ``step`` (whose G and D weights hash to
+    ``weights_sha256``) and continued with ``new`` values where the donor had ``old`` ones."""
+
     trial: str
     donor: str
     step: int
     old: dict[str, Any]
     new: dict[str, Any]
+    weights_sha256: str
 
 
 @dataclass
@@ -172,6 +179,7 @@ class _Lineage:
                         step=int(result["exploit_step"]),
                         old=dict(self.current.get(donor, {})),
                         new=values,
+                        weights_sha256=result["restored_weights_sha256"],
                     )
                 )
             self.current[trial_id] = values

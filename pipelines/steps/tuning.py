@@ -9,6 +9,7 @@ time, every exploit) is logged as a table and a plot.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,9 @@ def lineage_table(outcome: PopulationResult, short: dict[str, str]) -> dict[str,
         "best_trial": short.get(outcome.best_trial, outcome.best_trial),
         "initial": {short.get(t, t): v for t, v in outcome.initial.items()},
         "exploits": [
-            {
-                "trial": short.get(e.trial, e.trial),
-                "donor": short.get(e.donor, e.donor),
-                "step": e.step,
-                "old": e.old,
-                "new": e.new,
-            }
+            {**asdict(e), "trial": short[e.trial], "donor": short.get(e.donor, e.donor)}
             for e in outcome.exploits
-        ],  # fmt: skip
+        ],
         "trial_ids": {name: trial for trial, name in short.items()},
     }
 
