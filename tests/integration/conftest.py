@@ -8,6 +8,8 @@ from pipelines.config import load_config
 from pipelines.runner import init_ray, run_pipeline
 from pipelines.steps.default_dag import default_dag
 
+from .mlflow_server import mlflow_server, tracking_backend  # noqa: F401  (session fixtures)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
