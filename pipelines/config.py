@@ -63,7 +63,9 @@ class ModelConfig:
         f"generator normalization: {', '.join(GENERATOR_NORMALIZATIONS)}", "sync_batch"
     )
     d_norm: str = doc(
-        f"discriminator normalization: {', '.join(DISCRIMINATOR_NORMALIZATIONS)}", "sync_batch"
+        f"discriminator normalization: {', '.join(DISCRIMINATOR_NORMALIZATIONS)} (spectral: "
+        "the best of the study in docs/studies.md)",
+        "spectral",
     )
     g_output_norm: bool = doc("normalize G's last hidden layer's output too (DCGAN: no)", False)
     d_input_norm: bool = doc("normalize after D's first convolution (DCGAN: no)", False)
@@ -106,7 +108,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = doc(f"GAN loss: {', '.join(LOSSES)}", "nonsaturating")
+    kind: str = doc(f"GAN loss: {', '.join(LOSSES)}", "hinge")
     gp_weight: float = doc("WGAN-GP gradient penalty weight (0: off; 10 with wasserstein)", 0.0)
     r1_gamma: float = doc("R1 penalty weight on real images (0: off)", 0.0)
     r1_interval: int = doc("apply R1 every this many D updates (lazy regularization)", 16)

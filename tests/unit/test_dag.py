@@ -51,7 +51,7 @@ def test_fingerprint_changes_with_own_params_and_inputs_only():
     assert fp != fingerprint(train, load_config("smoke", ["optim.lr_g=1e-3"]), {"validate": "v1"})
     assert fp != fingerprint(train, base, {"validate": "v2"})
     # Everything the training loop reads is in its fingerprint: the loss and EMA sections too.
-    for override in ("loss.kind=hinge", "ema.enabled=true", "train.eval_every=10"):
+    for override in ("loss.kind=least_squares", "ema.enabled=true", "train.eval_every=10"):
         assert fp != fingerprint(train, load_config("smoke", [override]), {"validate": "v1"})
     # An evaluation-only change does not touch the training fingerprint.
     assert fp == fingerprint(train, load_config("smoke", ["eval.samples=50"]), {"validate": "v1"})
