@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,29 +105,23 @@ def _trial(params: dict[str, Any]) -> None:
         saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint else None
         tune.report({**metrics, "trial_id": trial_id}, checkpoint=saved)
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        _train(config, params, trial_dir, attempt, trial_id, on_report, restore_from=None)
-        return
-    with checkpoint.as_directory() as directory:
-        owner = json.loads((Path(directory) / CHECKPOINT_OWNER).read_text())
-        if owner["owner"] != trial_id:
-            extra.update(exploited_from=owner["owner"], exploit_step=owner["step"])
-        _train(config, params, trial_dir, attempt, trial_id, on_report, restore_from=directory)
-
-
-def _train(config, params, trial_dir, attempt, trial_id, on_report, restore_from) -> None:  # noqa: ANN001
-    run_training(
-        config,
-        shards=params["shards"],
-        shape=tuple(params["shape"]),
-        storage_path=str(trial_dir),
-        name=f"train-{attempt}",
-        on_report=on_report,
-        probe=params["probe"],
-        restore_from=restore_from,
-        owner=trial_id,
-    )
+    checkpoint = tune.get_checkpoint()  # an exploit's donor state, or this trial's own
+    with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
+        if directory is not None:
+            owner = json.loads((Path(directory) / CHECKPOINT_OWNER).read_text())
+            if owner["owner"] != trial_id:
+                extra.update(exploited_from=owner["owner"], exploit_step=owner["step"])
+        run_training(
+            config,
+            shards=params["shards"],
+            shape=tuple(params["shape"]),
+            storage_path=str(trial_dir),
+            name=f"train-{attempt}",
+            on_report=on_report,
+            probe=params["probe"],
+            restore_from=directory,
+            owner=trial_id,
+        )
 
 
 @dataclass
@@ -164,27 +158,25 @@ class _Lineage:
         self.exploits: list[Exploit] = []
         self.current: dict[str, dict[str, Any]] = {}  # trial -> values in effect
         self.initial: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
 
     def add(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         values = {name: config[name] for name in self.names}
-        with self.lock:
-            self.initial.setdefault(trial_id, values)
-            if "exploited_from" in result:
-                donor = result["exploited_from"]
-                self.exploits.append(
-                    Exploit(
-                        trial=trial_id,
-                        donor=donor,
-                        step=int(result["exploit_step"]),
-                        old=dict(self.current.get(donor, {})),
-                        new=values,
-                        weights_sha256=result["restored_weights_sha256"],
-                    )
+        self.initial.setdefault(trial_id, values)
+        if "exploited_from" in result:
+            donor = result["exploited_from"]
+            self.exploits.append(
+                Exploit(
+                    trial=trial_id,
+                    donor=donor,
+                    step=int(result["exploit_step"]),
+                    old=dict(self.current.get(donor, {})),
+                    new=values,
+                    weights_sha256=result["restored_weights_sha256"],
                 )
-            self.current[trial_id] = values
-            # The values PBT set, then the result (whose lr_* are the rates in effect).
-            self.histories.setdefault(trial_id, []).append({**values, **result})
+            )
+        self.current[trial_id] = values
+        # The values PBT set, then the result (whose lr_* are the rates in effect).
+        self.histories.setdefault(trial_id, []).append({**values, **result})
         if self.on_result is not None:
             self.on_result(trial_id, values, result)
 
@@ -217,8 +209,8 @@ def run_population(
             self.lineage.add(trial.trial_id, trial.config, result)
 
         def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its run config for Tuner.restore; the live lineage (MLflow handles,
-            # a lock) stays in this process.
+            # Tune pickles its run config for Tuner.restore; the live lineage (and the MLflow
+            # logging behind it) stays in this process.
             return {}
 
     class NoExploitAtTheEnd(PopulationBasedTraining):
