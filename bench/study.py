@@ -34,11 +34,8 @@ STUDIES: dict[str, dict[str, list[str]]] = {
     "lr_norm": {
         "default (cosine, spectral D)": [],
         "constant": ["optim.warmup=none", "optim.warmup_steps=0", "optim.decay=none"],
-        "step decay": ["optim.decay=step", "optim.step_size=500", "optim.gamma=0.5"],
         "plateau": ["optim.decay=plateau", "train.eval_every=100"],
-        "cyclic triangular2": ["optim.decay=cyclic_triangular2", "optim.cycle_half_steps=250"],
         "sync batch norm D, non-saturating": PREVIOUS_DEFAULT,
-        "no norm in D": ["model.d_norm=none"],
     },
     "small_data": {
         "no augmentation": [],

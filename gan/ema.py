@@ -86,9 +86,9 @@ class GeneratorEMA:
         return self
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Samples from the EMA generator (in whatever mode ``module`` is in; eval by default)."""
-        return self.module(z)
+        return self.module(z) if labels is None else self.module(z, labels)
 
 
 __all__ = ["GeneratorEMA"]

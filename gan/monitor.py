@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gan.metrics.frechet import frechet_distance
-from gan.sampling import generate, latents_from_seeds
+from gan.sampling import balanced_labels, generate, latents_from_seeds
 
 
 class FeatureExtractor(Protocol):
@@ -28,7 +28,8 @@ class DistanceProbe:
 
     ``seeds`` fix the latents (one per seed, as :func:`gan.sampling.latents_from_seeds`), so two
     measurements differ only through the generator. The generator is sampled in eval mode (running
-    batch-norm statistics) and its mode is restored afterwards.
+    batch-norm statistics) and its mode is restored afterwards. A class-conditional generator
+    (``num_classes > 0``) draws every class in turn (:func:`gan.sampling.balanced_labels`).
     """
 
     def __init__(
@@ -37,12 +38,14 @@ class DistanceProbe:
         reference_images: torch.Tensor,
         seeds: list[int],
         latent_dim: int,
+        num_classes: int = 0,
     ) -> None:
         if len(seeds) < 2:
             raise ValueError(f"the probe needs at least 2 samples, got {len(seeds)}")
         self.extractor = extractor
         self.reference = self._features(reference_images)
         self.latents = latents_from_seeds(seeds, latent_dim)
+        self.labels = balanced_labels(len(seeds), num_classes)
 
     def _features(self, images: torch.Tensor) -> np.ndarray:
         return self.extractor.features(images).numpy().astype(np.float64)
@@ -52,7 +55,7 @@ class DistanceProbe:
         was_training = generator.training
         generator.eval()
         try:
-            return generate(generator, self.latents)
+            return generate(generator, self.latents, labels=self.labels)
         finally:
             generator.train(was_training)
 

@@ -30,16 +30,32 @@ def latents_from_seeds(
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, latents: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Images in [-1, 1] for ``latents``, computed in chunks; the generator's mode is kept."""
+def generate(
+    generator: nn.Module,
+    latents: torch.Tensor,
+    batch_size: int = 512,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1] for ``latents`` (and, for a class-conditional generator, ``labels``),
+    computed in chunks; the generator's mode is kept."""
     device = next(generator.parameters()).device
+
+    def run(i: int, j: int) -> torch.Tensor:
+        if labels is None:
+            return generator(latents[i:j].to(device)).cpu()
+        return generator(latents[i:j].to(device), labels[i:j].to(device)).cpu()
+
     if latents.shape[0] == 0:  # keep the image shape: (0, C, H, W)
-        return generator(torch.zeros(1, latents.shape[1], device=device)).cpu()[:0]
-    chunks = [
-        generator(latents[i : i + batch_size].to(device)).cpu()
-        for i in range(0, latents.shape[0], batch_size)
-    ]
-    return torch.cat(chunks)
+        one = torch.zeros(1, latents.shape[1])
+        if labels is None:
+            return generator(one.to(device)).cpu()[:0]
+        return generator(one.to(device), torch.zeros(1, dtype=torch.long, device=device)).cpu()[:0]
+    return torch.cat([run(i, i + batch_size) for i in range(0, latents.shape[0], batch_size)])
+
+
+def balanced_labels(count: int, num_classes: int) -> torch.Tensor | None:
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... for ``count`` images; None when unconditional."""
+    return torch.arange(count) % num_classes if num_classes else None
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 1) -> torch.Tensor:

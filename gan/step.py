@@ -103,6 +103,8 @@ def train_step(
     lecam_weight: float = 0.0,
     lecam_anchors: LeCamAnchors | None = None,
     consistency_weight: float = 0.0,
+    labels: torch.Tensor | None = None,
+    num_classes: int = 0,
 ) -> StepStats:
     """Update D ``d_steps`` times on ``real`` and fresh fake batches, then G against the updated D.
 
@@ -132,6 +134,9 @@ def train_step(
     * ``consistency_weight``: bCR on the reals, mean (D(x) - D(augment(x)))^2, with one more D
       forward on the reals as they are; needs ``augment``. The augmented side is the forward
       the loss uses, so with ADA's p < 1 only the images augmented at that step contribute.
+    * ``labels``/``num_classes``: class-conditional training. ``labels`` are the reals' classes;
+      every fake batch gets labels drawn uniformly from ``rng``; G and D are called with them
+      (R1, the gradient penalty and consistency use the reals' labels).
     """
     d_loss_fn, g_loss_fn = get_loss(loss)
     for name, value in (
@@ -154,7 +159,27 @@ def train_step(
             "consistency_weight > 0 needs augment: the penalty compares D on an image and on its "
             "augmentation"
         )
+    if (labels is None) != (num_classes == 0):
+        raise ValueError(
+            "class-conditional training needs both labels and num_classes > 0; "
+            f"got labels={'none' if labels is None else 'given'}, num_classes={num_classes}"
+        )
     view = augment if augment is not None else _identity
+
+    def fake_labels() -> torch.Tensor | None:
+        if labels is None:
+            return None
+        if rng is None:
+            return torch.randint(0, num_classes, (real.shape[0],), device=real.device)
+        drawn = torch.randint(0, num_classes, (real.shape[0],), generator=rng, device=rng.device)
+        return drawn.to(real.device)
+
+    def d(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return module(x) if y is None else module(x, y)
+
+    def g(module: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return module(z) if y is None else module(z, y)
+
     g_inner = generator_inner if generator_inner is not None else generator
     d_inner = discriminator_inner if discriminator_inner is not None else discriminator
     batch = real.shape[0]
@@ -163,14 +188,15 @@ def train_step(
     signs, lecams, consistencies, grad_norms_d = [], [], [], []
     for i in range(d_steps):
         z = _noise(batch, latent_dim, rng, real.device)
+        y_fake = fake_labels()
         frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
         with torch.no_grad(), frozen:
-            fake = g_inner(z)
+            fake = g(g_inner, z, y_fake)
         apply_r1 = r1_gamma > 0 and (step * d_steps + i) % r1_interval == 0
         real_in = real.detach().requires_grad_(True) if apply_r1 else real
         real_seen, fake_seen = view(real_in), view(fake)
-        real_logits = discriminator(real_seen)
-        fake_logits = discriminator(fake_seen)
+        real_logits = d(discriminator, real_seen, labels)
+        fake_logits = d(discriminator, fake_seen, y_fake)
         loss_d = d_loss_fn(real_logits, fake_logits)
         total = loss_d
         if apply_r1:
@@ -178,7 +204,8 @@ def train_step(
             total = total + (r1_gamma * r1_interval) * r1
             r1s.append(r1.detach())
         if gp_weight > 0:
-            gp = gradient_penalty(discriminator, real_seen.detach(), fake_seen, rng)
+            critic = (lambda x: discriminator(x, labels)) if labels is not None else discriminator
+            gp = gradient_penalty(critic, real_seen.detach(), fake_seen, rng)
             total = total + gp_weight * gp
             gps.append(gp.detach())
         if lecam_weight > 0:
@@ -188,7 +215,7 @@ def train_step(
             total = total + lecam_weight * lecam
             lecams.append(lecam.detach())
         if consistency_weight > 0:
-            consistency = consistency_penalty(discriminator(real.detach()), real_logits)
+            consistency = consistency_penalty(d(discriminator, real.detach(), labels), real_logits)
             total = total + consistency_weight * consistency
             consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
@@ -203,7 +230,8 @@ def train_step(
     set_requires_grad(d_inner, False)
     try:
         z = _noise(batch, latent_dim, rng, real.device)
-        loss_g = g_loss_fn(d_inner(view(generator(z))))
+        y_fake = fake_labels()
+        loss_g = g_loss_fn(d(d_inner, view(g(generator, z, y_fake)), y_fake))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = _grad_norm(g_inner)

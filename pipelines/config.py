@@ -69,6 +69,11 @@ class ModelConfig:
     )
     g_output_norm: bool = doc("normalize G's last hidden layer's output too (DCGAN: no)", False)
     d_input_norm: bool = doc("normalize after D's first convolution (DCGAN: no)", False)
+    conditional: bool = doc(
+        "class-conditional G (label embedding concatenated to z) and D (projection); the "
+        "registered model then takes a label per seed",
+        False,
+    )
 
 
 @dataclass

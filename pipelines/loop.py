@@ -24,8 +24,13 @@ from gan.step import StepStats, train_step
 from pipelines.config import Config, schedule_policy
 
 
-def build_models(config: Config, channels: int) -> tuple[Generator, Discriminator]:
+def build_models(
+    config: Config, channels: int, num_classes: int = 0
+) -> tuple[Generator, Discriminator]:
+    """G and D as the config says; class-conditional on ``num_classes`` classes when
+    ``model.conditional`` is on (the dataset's manifest gives the count)."""
     m = config.model
+    classes = num_classes if m.conditional else 0
     generator = Generator(
         latent_dim=m.latent_dim,
         resolution=config.data.resolution,
@@ -33,6 +38,7 @@ def build_models(config: Config, channels: int) -> tuple[Generator, Discriminato
         width=m.g_width,
         norm=m.g_norm,
         g_output_norm=m.g_output_norm,
+        num_classes=classes,
     )
     discriminator = Discriminator(
         resolution=config.data.resolution,
@@ -40,6 +46,7 @@ def build_models(config: Config, channels: int) -> tuple[Generator, Discriminato
         width=m.d_width,
         norm=m.d_norm,
         d_input_norm=m.d_input_norm,
+        num_classes=classes,
     )
     return generator, discriminator
 
@@ -47,13 +54,22 @@ def build_models(config: Config, channels: int) -> tuple[Generator, Discriminato
 class TrainingState:
     """G, D, their optimizers and schedules, the noise stream, the EMA generator and the
     augmentation of one training process (``rank`` picks its own noise stream; the weights are
-    the same on every rank)."""
+    the same on every rank). ``num_classes`` is the dataset's; the networks use it when
+    ``model.conditional`` is on."""
 
-    def __init__(self, config: Config, channels: int, device: torch.device, rank: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        channels: int,
+        device: torch.device,
+        rank: int = 0,
+        num_classes: int = 0,
+    ) -> None:
         self.config = config
         t, o, a = config.train, config.optim, config.augment
         torch.manual_seed(t.seed)  # identical initial weights on every worker
-        self.generator, self.discriminator = build_models(config, channels)
+        self.generator, self.discriminator = build_models(config, channels, num_classes)
+        self.num_classes = self.generator.num_classes
         self.generator.to(device)
         self.discriminator.to(device)
         hyper = dict(betas=(o.beta1, o.beta2), momentum=o.momentum, weight_decay=o.weight_decay)
@@ -129,8 +145,10 @@ class TrainingState:
         step: int,
         generator: nn.Module | None = None,
         discriminator: nn.Module | None = None,
+        labels: torch.Tensor | None = None,
     ) -> StepStats:
-        """One D/G iteration on ``real`` with every configured option, then the schedules.
+        """One D/G iteration on ``real`` (with its ``labels`` when the networks are
+        class-conditional) with every configured option, then the schedules.
         ``generator``/``discriminator`` are DDP wrappers of this state's networks, if any."""
         loss, t = self.config.loss, self.config.train
         stats = train_step(
@@ -155,6 +173,8 @@ class TrainingState:
             lecam_weight=loss.lecam_weight,
             lecam_anchors=self.lecam,
             consistency_weight=loss.consistency_weight,
+            labels=labels if self.num_classes else None,
+            num_classes=self.num_classes,
         )
         self.sched_g.step()
         self.sched_d.step()

@@ -65,7 +65,9 @@ def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
     return DistributedDataParallel(module, broadcast_buffers=False)
 
 
-def _probe(loop_config: dict[str, Any], config: Config, shape: tuple[int, ...]) -> DistanceProbe:
+def _probe(
+    loop_config: dict[str, Any], config: Config, shape: tuple[int, ...], num_classes: int
+) -> DistanceProbe:
     from pipelines.steps.features import load_classifier
 
     probe = loop_config["probe"]
@@ -76,6 +78,7 @@ def _probe(loop_config: dict[str, Any], config: Config, shape: tuple[int, ...]) 
         to_model_range(holdout),
         seeds,
         config.model.latent_dim,
+        num_classes,
     )
 
 
@@ -132,9 +135,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shape = tuple(loop_config["shape"])
     own_shards = loop_config["shards"][rank::world]
-    data = to_model_range(concat([read_shard(p, shape) for p in own_shards]).images)
+    own = concat([read_shard(p, shape) for p in own_shards])
+    data, labels = to_model_range(own.images), torch.from_numpy(own.labels)
     local_batch = t.batch_size // world
-    state = TrainingState(config, channels=shape[0], device=device, rank=rank)
+    state = TrainingState(
+        config, channels=shape[0], device=device, rank=rank, num_classes=loop_config["num_classes"]
+    )
 
     start, restored = 0, {}
     checkpoint = ray.train.get_checkpoint()
@@ -154,7 +160,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
 
     # Rank 0 measures; the others receive the distance (their plateau schedules need it too).
-    probe = _probe(loop_config, config, shape) if rank == 0 and loop_config.get("probe") else None
+    probe = None
+    if rank == 0 and loop_config.get("probe"):
+        probe = _probe(loop_config, config, shape, state.num_classes)
     generator, discriminator = state.generator, state.discriminator
     if world > 1:
         generator, discriminator = _ddp(generator), _ddp(discriminator)
@@ -199,7 +207,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, t.steps):
         index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
-        stats = state.step(data[index].to(device), step, generator, discriminator)
+        stats = state.step(
+            data[index].to(device), step, generator, discriminator, labels[index].to(device)
+        )
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         figures = [
             stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
@@ -252,6 +262,7 @@ def run_training(
     probe: dict[str, Any] | None = None,
     restore_from: str | None = None,
     owner: str = "",
+    num_classes: int = 0,
 ) -> TrainingResult:
     """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint.
 
@@ -263,6 +274,7 @@ def run_training(
     config's learning rates and Adam betas in effect; the first report then carries
     ``resumed_from_step`` and ``restored_weights_sha256``. ``owner`` is written beside every
     checkpoint (``owner.json``) so that a run restored from it knows whose state it took.
+    ``num_classes`` (the dataset's) makes G and D class-conditional when ``model.conditional``.
 
     A run with the same ``storage_path`` and ``name`` as an interrupted one continues from its
     latest checkpoint: Ray Train restores its checkpoint list from storage and the workers load
@@ -290,6 +302,7 @@ def run_training(
             "probe": probe if config.train.eval_every else None,
             "restore_from": restore_from,
             "owner": owner,
+            "num_classes": num_classes,
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers,

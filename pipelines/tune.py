@@ -121,6 +121,7 @@ def _trial(params: dict[str, Any]) -> None:
             probe=params["probe"],
             restore_from=directory,
             owner=trial_id,
+            num_classes=params["num_classes"],
         )
 
 
@@ -189,6 +190,7 @@ def run_population(
     probe: dict[str, Any],
     storage_path: str,
     on_result: ResultHandler | None = None,
+    num_classes: int = 0,
 ) -> PopulationResult:
     """PBT over ``config.tune.mutate`` with ``config.tune.population`` trials; each trial trains
     with ``config.train.workers`` Ray Train workers. ``on_result(trial_id, values, result)`` is
@@ -236,6 +238,7 @@ def run_population(
         "shards": shards,
         "shape": list(shape),
         "probe": probe,
+        "num_classes": num_classes,
         "index": tune.grid_search(list(range(p.population))),
     }
     for name in names:

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from gan.nn.normalization import (
     GENERATOR_NORMALIZATIONS,
@@ -61,8 +62,23 @@ def _num_upsamplings(resolution: int) -> int:
     return int(math.log2(resolution)) - 2
 
 
+def _check_labels(labels: torch.Tensor | None, num_classes: int, batch: int) -> None:
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("this network is unconditional (num_classes=0); pass no labels")
+        return
+    if labels is None or labels.shape != (batch,):
+        got = "none" if labels is None else f"shape {tuple(labels.shape)}"
+        raise ValueError(
+            f"a class-conditional network needs one label per image ({batch}), got {got}"
+        )
+
+
 class Generator(nn.Module):
-    """z (N, latent_dim) -> images (N, channels, R, R) in [-1, 1].
+    """z (N, latent_dim) [, labels (N,)] -> images (N, channels, R, R) in [-1, 1].
+
+    With ``num_classes > 0`` the generator is class-conditional: a learned embedding of the
+    label (``latent_dim`` wide) is concatenated to z.
 
     Width halves at each doubling, starting from ``width * 2**(blocks-1)`` at 4×4, as in DCGAN.
     No normalization on the output layer (DCGAN rule) unless ``g_output_norm``: then the last
@@ -79,6 +95,7 @@ class Generator(nn.Module):
         width: int = 64,
         norm: str = "batch",
         g_output_norm: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         _check_generator_norm(norm)
@@ -86,9 +103,11 @@ class Generator(nn.Module):
         self.latent_dim = latent_dim
         self.resolution = resolution
         self.channels = channels
+        self.num_classes = num_classes
         widths = [width * 2 ** (blocks - 1 - i) for i in range(blocks)]
+        inputs = latent_dim * (2 if num_classes else 1)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=_conv_bias(norm)),
+            nn.ConvTranspose2d(inputs, widths[0], 4, 1, 0, bias=_conv_bias(norm)),
             make_norm(norm, widths[0]),
             nn.ReLU(inplace=True),
         ]
@@ -107,14 +126,23 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1)]
         layers += [nn.Tanh()]
         self.net = nn.Sequential(*layers)
+        if num_classes:
+            self.embed = nn.Embedding(num_classes, latent_dim)
         init_dcgan_weights(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(labels, self.num_classes, z.shape[0])
+        if labels is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z.view(z.shape[0], z.shape[1], 1, 1))
 
 
 class Discriminator(nn.Module):
-    """images (N, channels, R, R) -> logits (N,).
+    """images (N, channels, R, R) [, labels (N,)] -> logits (N,).
+
+    With ``num_classes > 0`` it is a projection discriminator (Miyato & Koyama, 2018): the logit
+    gains the inner product of a learned label embedding with the last hidden features, summed
+    over positions.
 
     No normalization on the input layer (DCGAN rule) unless ``d_input_norm``: then the first
     convolution (without bias) is followed by a norm layer. The logit is left raw so that the
@@ -130,9 +158,11 @@ class Discriminator(nn.Module):
         width: int = 64,
         norm: str = "batch",
         d_input_norm: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         _check_norm(norm)  # at resolution 8 there is no normalized layer to check it
+        self.num_classes = num_classes
         blocks = _num_upsamplings(resolution)
         widths = [width * 2**i for i in range(blocks)]
         if d_input_norm:
@@ -151,12 +181,21 @@ class Discriminator(nn.Module):
             ]
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]
         self.net = nn.Sequential(*layers)
+        if num_classes:
+            self.embed = nn.Embedding(num_classes, widths[-1])
         init_dcgan_weights(self)
         if norm == "spectral":
             apply_spectral_norm(self)
+            if num_classes:
+                spectral_norm(self.embed)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).view(-1)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(labels, self.num_classes, images.shape[0])
+        if labels is None:
+            return self.net(images).view(-1)
+        features = self.net[:-1](images)
+        projection = (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
+        return self.net[-1](features).view(-1) + projection
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
@@ -169,6 +208,8 @@ def init_dcgan_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
 
 
 __all__ = [

@@ -77,7 +77,9 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def recompute_bn_statistics(generator: nn.Module, latents_batches: Iterable[torch.Tensor]) -> int:
+def recompute_bn_statistics(
+    generator: nn.Module, latents_batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]
+) -> int:
     """Standing statistics: replace the running statistics of every batch-norm layer in
     ``generator`` by the cumulative average over the given batches of latents.
 
@@ -85,7 +87,8 @@ def recompute_bn_statistics(generator: nn.Module, latents_batches: Iterable[torc
     mode with ``momentum=None`` (equal-weight average of the per-batch mean and unbiased variance)
     under no_grad, then restores every module's momentum and train/eval mode. Returns the number
     of batches. Raises ValueError (touching nothing) when there is none. A DDP wrapper is
-    unwrapped; with sync batch norm every worker must pass the same number of batches.
+    unwrapped; with sync batch norm every worker must pass the same number of batches. A batch
+    may be a tuple of inputs (latents and, for a class-conditional generator, labels).
     """
     batches = list(latents_batches)
     if not batches:
@@ -102,7 +105,7 @@ def recompute_bn_statistics(generator: nn.Module, latents_batches: Iterable[torc
             m.momentum = None
         inner.train()
         for z in batches:
-            inner(z)
+            inner(*z) if isinstance(z, tuple) else inner(z)
     finally:
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum

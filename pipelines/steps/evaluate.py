@@ -33,7 +33,7 @@ from gan.metrics import (
     precision_recall,
 )
 from gan.nn.normalization import batch_norm_layers, recompute_bn_statistics
-from gan.sampling import generate, latents_from_seeds
+from gan.sampling import balanced_labels, generate, latents_from_seeds
 from gan.state import load_generator_weights
 from pipelines.dag import StepContext
 from pipelines.images import grid_image
@@ -46,18 +46,23 @@ GMM_COMPONENTS = 10  # one per digit class; fitting takes about 5 s on the digit
 GMM_MAX_IMAGES = 5000  # EM costs K * N * D^2 per iteration: bound N on MNIST or CIFAR-10
 
 
-
-def load_generator(config: Any, checkpoint: str, channels: int) -> torch.nn.Module:
+def load_generator(
+    config: Any, checkpoint: str, channels: int, num_classes: int = 0
+) -> torch.nn.Module:
     """The trained generator, ready to sample as ``eval.sampling_mode`` says: with standing
     batch-norm statistics when ``eval.standing_stats_batches`` asks for them."""
-    generator, _ = build_models(config, channels)
+    generator, _ = build_models(config, channels, num_classes)
     generator.load_state_dict(load_generator_weights(checkpoint))
     batches = config.eval.standing_stats_batches
     if batches and batch_norm_layers(generator):
         size, dim = config.train.batch_size, config.model.latent_dim
+        labels = balanced_labels(size, generator.num_classes)
         recompute_bn_statistics(
             generator,
-            (latents_from_seeds([STANDING_STATS_SEED + i], dim, [size]) for i in range(batches)),
+            (
+                (latents_from_seeds([STANDING_STATS_SEED + i], dim, [size]), labels)
+                for i in range(batches)
+            ),
         )
     return generator.train(config.eval.sampling_mode == "train")
 
@@ -76,9 +81,11 @@ def evaluate(
     train_x, holdout_x = to_model_range(train_set.images), to_model_range(holdout_set.images)
     extractor = load_classifier(classifier)
 
-    generator = load_generator(cfg, checkpoint, channels=train_set.shape[0])
+    generator = load_generator(cfg, checkpoint, train_set.shape[0], manifest["num_classes"])
     seeds = list(range(EVAL_SEED, EVAL_SEED + cfg.eval.samples))
-    samples = generate(generator, latents_from_seeds(seeds, cfg.model.latent_dim))
+    requested = balanced_labels(len(seeds), generator.num_classes)
+    latents = latents_from_seeds(seeds, cfg.model.latent_dim)
+    samples = generate(generator, latents, labels=requested)
     if not torch.isfinite(samples).all():
         raise ValueError("the generator produced NaN or infinite pixels; training diverged")
     baseline = torch.from_numpy(fit_gaussian(train_x.numpy()).sample(cfg.eval.samples, seed=0))
@@ -119,6 +126,9 @@ def evaluate(
         "sample_to_train_distance": memorization["sample_to_train"],
         "holdout_to_train_distance": memorization["holdout_to_train"],
     }
+    if requested is not None:  # a conditional G: does it draw the class it is asked for?
+        asked = requested.numpy()
+        metrics["label_accuracy"] = float((probabilities.argmax(axis=1) == asked).mean())
     if cfg.eval.inception_weights:  # the classic FID, for users who have the weights on disk
         inception = load_inception_extractor(cfg.eval.inception_weights)
         ctx.log(f"Inception features of {len(samples) + len(holdout_x)} images (slow on CPU)")

@@ -75,6 +75,7 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
         probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
         storage_path=str(ctx.output_dir / "ray"),
         on_result=on_result,
+        num_classes=manifest["num_classes"],
     )
     for logger in trial_runs.values():
         logger.finish()
@@ -92,7 +93,11 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
         f"best: {short.get(outcome.best_trial, outcome.best_trial)} with distance "
         f"{outcome.best_distance:.2f}; {len(outcome.exploits)} exploits"
     )
-    return {"checkpoint": outcome.best_checkpoint, "shape": manifest["shape"]}
+    return {
+        "checkpoint": outcome.best_checkpoint,
+        "shape": manifest["shape"],
+        "num_classes": manifest["num_classes"],
+    }
 
 
 def lineage_table(outcome: PopulationResult, short: dict[str, str]) -> dict[str, Any]:

@@ -427,3 +427,32 @@ def test_recompute_bn_statistics_without_batches_is_refused_and_changes_nothing(
     with pytest.raises(ValueError, match="at least one batch"):
         recompute_bn_statistics(g, [])
     assert all(torch.equal(v, before[k]) for k, v in g.named_buffers())
+
+
+# ----------------------------------------------------------------------- class-conditional
+
+
+def test_conditional_generator_and_projection_discriminator():
+    torch.manual_seed(0)
+    g = Generator(latent_dim=8, resolution=16, width=8, num_classes=10)
+    d = Discriminator(resolution=16, width=8, num_classes=10, norm="spectral")
+    z, y = torch.randn(6, 8), torch.arange(6)
+    images = g(z, y)
+    assert images.shape == (6, 1, 16, 16)
+    assert d(images, y).shape == (6,)
+    # The label changes the image for the same z, and the logit for the same image.
+    assert not torch.allclose(g(z, y), g(z, (y + 1) % 10))
+    assert not torch.allclose(d(images, y), d(images, (y + 1) % 10))
+
+
+def test_conditioning_is_refused_where_it_does_not_apply():
+    g, d = Generator(latent_dim=8, resolution=8, width=4), Discriminator(resolution=8, width=4)
+    with pytest.raises(ValueError, match="unconditional"):
+        g(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
+    conditional = Generator(latent_dim=8, resolution=8, width=4, num_classes=3)
+    with pytest.raises(ValueError, match="one label per image"):
+        conditional(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"one label per image \(2\), got shape \(3,\)"):
+        conditional(torch.randn(2, 8), torch.zeros(3, dtype=torch.long))
+    # Unconditional networks keep their parameter names (old checkpoints load).
+    assert not any("embed" in k for k in {**g.state_dict(), **d.state_dict()})

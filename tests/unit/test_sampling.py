@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gan.nn.models import Generator
-from gan.sampling import generate, image_grid, latents_from_seeds
+from gan.sampling import balanced_labels, generate, image_grid, latents_from_seeds
 
 DIM = 6
 
@@ -163,3 +163,16 @@ def test_generate_keeps_train_mode():
 def test_generate_zero_latents_keeps_the_image_shape():
     generator = Generator(latent_dim=6, resolution=8, channels=3, width=4).eval()
     assert generate(generator, latents_from_seeds([1], 6, [0])).shape == (0, 3, 8, 8)
+
+
+def test_conditional_generation_passes_each_seed_its_label():
+    torch.manual_seed(0)
+    g = Generator(latent_dim=8, resolution=8, width=4, num_classes=3).eval()
+    latents = latents_from_seeds(list(range(7)), 8)
+    labels = balanced_labels(7, 3)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    together = generate(g, latents, labels=labels)
+    in_chunks = generate(g, latents, batch_size=2, labels=labels)
+    assert torch.equal(together, in_chunks)
+    assert torch.allclose(together[3], g(latents[3:4], labels[3:4])[0])
+    assert balanced_labels(5, 0) is None

@@ -351,7 +351,9 @@ def test_state_file_loads_with_weights_only(tmp_path):
         "rng",
         "torch_rng",
         "worker_rngs",
+        "extras",
     }
+    assert state["extras"] == {}
     assert int(state["step"]) == 1
     assert torch.equal(state["rng"], s.rng.get_state())
 
@@ -926,3 +928,24 @@ def test_extra_state_round_trips_and_missing_extras_keep_their_own(tmp_path):
     assert ada_b.p == pytest.approx(0.3) and ada_b.state_dict() == ada.state_dict()
     assert torch.equal(anchors_b.real, anchors.real) and torch.equal(anchors_b.fake, anchors.fake)
     assert untouched.p == 0.5
+
+
+def test_conditional_step_trains_both_label_embeddings_and_draws_fake_labels():
+    torch.manual_seed(5)
+    g = Generator(latent_dim=LATENT, resolution=RES, width=4, norm="batch", num_classes=10)
+    d = Discriminator(resolution=RES, width=4, norm="spectral", num_classes=10)
+    g_embed, d_embed = g.embed.weight.detach().clone(), d.embed.weight.detach().clone()
+    labels = torch.arange(BATCH) % 10
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(3), labels=labels, num_classes=10,
+        loss="hinge",
+    )  # fmt: skip
+    assert math.isfinite(stats.loss_d.item()) and math.isfinite(stats.loss_g.item())
+    assert not torch.equal(g.embed.weight, g_embed)
+    assert not torch.equal(d.embed.weight, d_embed)
+    with pytest.raises(ValueError, match="both labels and num_classes"):
+        train_step(
+            generator=g, discriminator=d, opt_g=_adam(g), opt_d=_adam(d), real=_real(),
+            latent_dim=LATENT, labels=labels,
+        )  # fmt: skip
