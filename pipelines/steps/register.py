@@ -8,7 +8,13 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from pipelines.dag import StepContext
-from pipelines.registry import apply_alias_policy, log_generator
+from pipelines.registry import (
+    SAMPLING_MODE_TAG,
+    apply_alias_policy,
+    eval_protocol,
+    log_generator,
+    sampling_mode,
+)
 from pipelines.tracking import git_commit
 
 
@@ -30,16 +36,19 @@ def register(
     client = MlflowClient(tracking_uri=ctx.logger.tracking_uri)
     for key, value in {
         "ganpipe.pipeline_run": ctx.pipeline_run_id,
-        "ganpipe.data_digest": digest,
+        "ganpipe.register_run": ctx.logger.run_id,
         "ganpipe.git_commit": git_commit(),
+        SAMPLING_MODE_TAG: sampling_mode(ctx.config),
         **{f"metric.{k}": v for k, v in metrics.items()},
     }.items():
         client.set_model_version_tag(name, version, key, str(value))
-    alias = apply_alias_policy(client, name, version, distance)
-    ctx.log(f"registered {name} version {version} as {alias}")
+    decision = apply_alias_policy(
+        client, name, version, distance, digest, eval_protocol(ctx.config)
+    )
+    ctx.log(f"registered {name} version {version} as {decision.alias}: {decision.reason}")
     return {
         "model_name": name,
         "version": version,
-        "alias": alias,
-        "model_uri": f"models:/{name}@{alias}",
+        "alias": decision.alias,
+        "model_uri": f"models:/{name}@{decision.alias}",
     }
