@@ -4,13 +4,15 @@ MLflow copies this file into the model, with the ``gan`` package as code, so a m
 wherever torch, numpy, pandas, pillow and mlflow are installed.
 
 Input: a table with a ``seed`` column (integers >= 0), optionally ``count`` (that many images
-drawn in order from the seed; default 1) and ``label`` (reserved for class-conditional
-generators: refused by an unconditional one, so that a caller never gets unconditioned images
-believing they are of a class).
+drawn in order from the seed; default 1) and ``label`` (the class, for a class-conditional
+generator: every image of the row is of that class; without the column the images cycle through
+the classes in order, as the evaluate step draws them. An unconditional generator refuses the
+column, so that a caller never takes unconditioned images for images of a class).
 
 Output, by the ``format`` param: ``"array"`` (default) uint8 images (N, H, W, C); ``"png"`` a
-table with ``seed``, ``index`` (the image's position in the seed's draw) and ``png`` (the PNG
-file as bytes; ``mlflow models serve`` sends them base64-encoded).
+table with ``seed``, ``index`` (the image's position in the seed's draw), ``label`` (conditional
+generators only) and ``png`` (the PNG file as bytes; ``mlflow models serve`` sends them
+base64-encoded).
 
 Sampling mode (``spec.json``, set from the config at training time): ``"eval"`` normalizes with
 the running batch-norm statistics, so a seed always gives the same image; ``"train"``
@@ -35,7 +37,7 @@ from PIL import Image
 from gan.data.arrays import from_model_range
 from gan.nn.models import Generator
 from gan.nn.normalization import frozen_bn_stats
-from gan.sampling import generate, latents_from_seeds
+from gan.sampling import balanced_labels, generate, latents_from_seeds
 
 MAX_IMAGES_PER_CALL = 100_000
 FORMATS = ("array", "png")
@@ -76,30 +78,47 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"spec.json: sampling_mode {self.sampling_mode!r} is not one of {SAMPLING_MODES}"
             )
-        self.num_classes = int(spec.get("num_classes", 0))
-        if self.num_classes:
-            raise ValueError(
-                "spec.json describes a class-conditional generator, which gan.nn.models.Generator "
-                "cannot build; serve it with a ganpipe version that has conditional generators"
-            )
         self.generator = Generator(**spec["generator"])
+        self.num_classes = self.generator.num_classes
         weights = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.generator.load_state_dict(weights)
         self.generator.eval()
         self.latent_dim = spec["generator"]["latent_dim"]
 
-    def _images(self, latents: torch.Tensor) -> np.ndarray:
+    def _labels(self, frame: pd.DataFrame, counts: list[int]) -> torch.Tensor | None:
+        """One label per image: the row's, or the classes in turn when no label is given."""
+        given = "label" in frame and frame["label"].notna().any()
+        if not self.num_classes:
+            if given:
+                raise InvalidRequest(
+                    "this generator is unconditional: drop the 'label' column "
+                    "(labels are only accepted by class-conditional models)"
+                )
+            return None
+        if not given:
+            return balanced_labels(sum(counts), self.num_classes)
+        labels = _integers(frame, "label")
+        wrong = [x for x in labels if not 0 <= x < self.num_classes]
+        if wrong:
+            raise InvalidRequest(
+                f"'label' must be a class in 0..{self.num_classes - 1}, got {wrong[0]}"
+            )
+        return torch.repeat_interleave(torch.tensor(labels), torch.tensor(counts))
+
+    def _images(self, latents: torch.Tensor, labels: torch.Tensor | None) -> np.ndarray:
         if self.sampling_mode == "train" and latents.shape[0] > 0:
             # Batch statistics of the whole request: one chunk, and the running buffers stay
             # untouched so that the next request sees the same model.
             self.generator.train()
             try:
                 with frozen_bn_stats(self.generator):
-                    images = generate(self.generator, latents, batch_size=latents.shape[0])
+                    images = generate(
+                        self.generator, latents, batch_size=latents.shape[0], labels=labels
+                    )
             finally:
                 self.generator.eval()
         else:
-            images = generate(self.generator, latents)
+            images = generate(self.generator, latents, labels=labels)
         return np.ascontiguousarray(np.transpose(from_model_range(images), (0, 2, 3, 1)))
 
     def predict(
@@ -113,11 +132,6 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         output_format = (params or {}).get("format") or "array"
         if output_format not in FORMATS:
             raise InvalidRequest(f"params: format {output_format!r} is not one of {FORMATS}")
-        if "label" in model_input and model_input["label"].notna().any():
-            raise InvalidRequest(
-                "this generator is unconditional: drop the 'label' column "
-                "(labels are only accepted by class-conditional models)"
-            )
         seeds = _integers(model_input, "seed") if len(model_input) else []
         if any(s < 0 for s in seeds):
             raise InvalidRequest(f"'seed' must be >= 0, got {min(seeds)}")
@@ -131,16 +145,17 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise InvalidRequest(
                 f"at most {MAX_IMAGES_PER_CALL} images per call, asked {sum(counts)}"
             )
-        images = self._images(latents_from_seeds(seeds, self.latent_dim, counts))
+        labels = self._labels(model_input, counts)
+        images = self._images(latents_from_seeds(seeds, self.latent_dim, counts), labels)
         if output_format == "array":
             return images
-        return pd.DataFrame(
-            {
-                "seed": np.repeat(np.asarray(seeds, dtype=np.int64), counts),
-                "index": np.concatenate([np.arange(c) for c in counts] or [np.zeros(0, int)]),
-                "png": [_png(image) for image in images],
-            }
-        )
+        table = {
+            "seed": np.repeat(np.asarray(seeds, dtype=np.int64), counts),
+            "index": np.concatenate([np.arange(c) for c in counts] or [np.zeros(0, int)]),
+        }
+        if labels is not None:
+            table["label"] = labels.numpy()
+        return pd.DataFrame({**table, "png": [_png(image) for image in images]})
 
 
 mlflow.models.set_model(GeneratorModel())

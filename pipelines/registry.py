@@ -55,10 +55,11 @@ def eval_protocol(config: Any) -> str:
     return f"samples={config.eval.samples},classifier_epochs={config.eval.classifier_epochs}"
 
 
-def generator_spec(config: Any, shape: list[int]) -> dict[str, Any]:
+def generator_spec(config: Any, shape: list[int], num_classes: int = 0) -> dict[str, Any]:
     """Constructor arguments of the served generator and how it samples.
 
     Served with plain batch norm: sync batch norm is the same computation in one process.
+    ``num_classes`` > 0: class-conditional (the generator's label embedding).
     """
     m = config.model
     return {
@@ -69,12 +70,23 @@ def generator_spec(config: Any, shape: list[int]) -> dict[str, Any]:
             "width": m.g_width,
             "norm": "none" if m.g_norm == "none" else "batch",
             "g_output_norm": m.g_output_norm,
+            "num_classes": int(num_classes),
         },
         "trained_with_norm": m.g_norm,
         "weights": "ema" if config.ema.enabled else "generator",
         "sampling_mode": sampling_mode(config),
-        "num_classes": 0,  # reserved for class-conditional generators (gan has none yet)
     }
+
+
+def evaluated_generator(config: Any, checkpoint: str, channels: int) -> torch.nn.Module:
+    """The generator exactly as the evaluate step scored it: EMA weights when there are some,
+    standing batch-norm statistics when ``eval.standing_stats_batches`` asks for them."""
+    from pipelines.steps.evaluate import load_generator
+
+    weights = load_generator_weights(checkpoint)
+    # The weights say whether G is conditional: its label embedding has one row per class.
+    num_classes = int(weights["embed.weight"].shape[0]) if "embed.weight" in weights else 0
+    return load_generator(config, checkpoint, channels, num_classes)
 
 
 def model_signature(spec: dict[str, Any]) -> Any:
@@ -110,11 +122,12 @@ def log_generator(
     """Log the generator as a pyfunc model in ``run_id`` and register it; return the version."""
     import mlflow
 
-    spec = generator_spec(config, shape)
+    generator = evaluated_generator(config, checkpoint, int(shape[0]))
+    spec = generator_spec(config, shape, generator.num_classes)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "generator.pt"
-        torch.save(load_generator_weights(checkpoint), weights)
+        torch.save(generator.state_dict(), weights)
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         with mlflow.start_run(run_id=run_id):

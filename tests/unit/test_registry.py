@@ -114,14 +114,15 @@ def test_promote_errors_list_what_exists(client, tmp_path):
         client.get_model_version_by_alias("gen", CHAMPION)
 
 
-def _logged_generator(tmp_path, sampling_mode: str):
+def _logged_generator(tmp_path, *overrides: str, num_classes: int = 0):
     """A smoke-sized generator with non-trivial running statistics, logged and registered."""
-    config = load_config("smoke", [f"workdir={tmp_path}"])
-    config.eval.sampling_mode = sampling_mode
-    generator, _ = build_models(config, channels=1)
+    config = load_config("smoke", [f"workdir={tmp_path}", *overrides])
+    generator, _ = build_models(config, channels=1, num_classes=num_classes)
+    labels = torch.arange(8) % num_classes if num_classes else None
     with torch.no_grad():  # a few training-mode passes so running stats differ from batch stats
         for seed in range(3):
-            generator(torch.randn(8, config.model.latent_dim, generator=torch.manual_seed(seed)))
+            z = torch.randn(8, config.model.latent_dim, generator=torch.manual_seed(seed))
+            generator(z, labels)
     generator.eval()
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
@@ -146,7 +147,7 @@ def _logged_generator(tmp_path, sampling_mode: str):
 
 @pytest.fixture(scope="module")
 def eval_model(tmp_path_factory):
-    return _logged_generator(tmp_path_factory.mktemp("eval"), "eval")
+    return _logged_generator(tmp_path_factory.mktemp("eval"), "eval.sampling_mode=eval")
 
 
 def test_pyfunc_gives_the_generators_images_one_seed_one_image(eval_model):
@@ -207,7 +208,7 @@ def test_pyfunc_refuses_bad_input_naming_it(eval_model, frame, params, message):
 def test_train_sampling_mode_uses_the_requests_batch_statistics(tmp_path):
     from gan.sampling import latents_from_seeds
 
-    generator, model, config = _logged_generator(tmp_path, "train")
+    generator, model, config = _logged_generator(tmp_path, "eval.sampling_mode=train")
     assert generator_spec(config, [1, 16, 16])["sampling_mode"] == "train"
 
     seeds = [0, 1, 2, 3, 4, 5]
@@ -243,3 +244,35 @@ def test_ganpipe_promote_says_what_the_champion_was(client, tmp_path, capsys):
     err = capsys.readouterr().err
     expected = "ganpipe: error: model 'gen' has no version '9'; versions: 1, 2"
     assert err == f"{expected} (tracking store: {uri})\n"
+
+
+def test_conditional_generator_draws_the_asked_classes(tmp_path):
+    from gan.sampling import latents_from_seeds
+
+    generator, model, config = _logged_generator(tmp_path, "model.conditional=true", num_classes=10)
+    assert generator_spec(config, [1, 16, 16], 10)["generator"]["num_classes"] == 10
+    z = latents_from_seeds([1, 2], config.model.latent_dim, [1, 3])
+    with torch.no_grad():
+        asked = from_model_range(generator(z, torch.tensor([7, 3, 3, 3]))).transpose(0, 2, 3, 1)
+        cycled = from_model_range(generator(z, torch.tensor([0, 1, 2, 3]))).transpose(0, 2, 3, 1)
+
+    frame = pd.DataFrame({"seed": [1, 2], "count": [1, 3]})
+    assert np.array_equal(model.predict(frame.assign(label=[7, 3])), asked)
+    assert np.array_equal(model.predict(frame), cycled)  # no label: the classes in turn
+    table = model.predict(frame.assign(label=[7, 3]), params={"format": "png"})
+    assert table["label"].tolist() == [7, 3, 3, 3]
+    with pytest.raises(MlflowException, match=r"'label' must be a class in 0..9, got 10"):
+        model.predict(frame.assign(label=[10, 3]))
+
+
+def test_registered_weights_are_the_evaluated_ones_with_standing_statistics(tmp_path):
+    from gan.sampling import latents_from_seeds
+    from pipelines.steps.evaluate import load_generator
+
+    trained, model, config = _logged_generator(tmp_path, "eval.standing_stats_batches=2")
+    evaluated = load_generator(config, str(tmp_path / "checkpoint"), channels=1).eval()
+    assert not torch.equal(evaluated.net[1].running_mean, trained.net[1].running_mean)
+    z = latents_from_seeds([0, 1, 2], config.model.latent_dim)
+    with torch.no_grad():
+        expected = from_model_range(evaluated(z)).transpose(0, 2, 3, 1)
+    assert np.array_equal(model.predict(pd.DataFrame({"seed": [0, 1, 2]})), expected)
