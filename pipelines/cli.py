@@ -200,6 +200,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
         previous = promote(MlflowClient(uri), args.name, args.version)
     except RegistryError as exc:
         return _fail(f"{exc} (tracking store: {uri})", 2)
+    if previous == str(args.version):
+        print(f"{args.name}@{CHAMPION} is already version {args.version}")
+        return 0
     was = f"version {previous}" if previous is not None else "none"
     print(f"{args.name}@{CHAMPION} is now version {args.version} (was: {was})")
     return 0
