@@ -57,7 +57,8 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
             note = f"  <- cloned {donor} at step {result['exploit_step']}"
             origin = f"{result['exploited_from']}@{result['exploit_step']}"
             logger.set_tags({f"ganpipe.exploit.{step}": origin})
-        rates = " ".join(f"{k} {v:.3g}" for k, v in values.items())
+        # The rates the workers had in effect (the config may already hold PBT's next values).
+        rates = " ".join(f"{k} {result.get(k, v):.3g}" for k, v in values.items())
         ctx.log(
             f"{short[trial_id]} step {step}/{config.train.steps} "
             f"distance {result['eval_distance']:.2f} {rates}{note}"

@@ -218,7 +218,7 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
             "optim.decay=cyclic_triangular2", "optim.cycle_half_steps=5",
             "augment.kinds=translation,cutout", "augment.adaptive=true", "augment.p=0",
             "augment.interval=2", "augment.adjust_speed=100", "augment.target=-0.9",
-            "loss.lecam_weight=0.1",
+            "loss.lecam_weight=0.1", "model.conditional=true",
         ],
     )  # fmt: skip
     result = run_pipeline(default_dag(), config)
@@ -241,10 +241,17 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
     for name in ("grad_norm_g", "grad_norm_d", "lecam"):
         history = client.get_metric_history(result.steps["train"].run_id, name)
         assert [m.step for m in history] == [10, 20, 30], name
-    assert np.isfinite(result.outputs["evaluate"]["metrics"]["frechet_distance"])
+    metrics = result.outputs["evaluate"]["metrics"]
+    assert np.isfinite(metrics["frechet_distance"])
+    # Class-conditional: both networks learned a label embedding, evaluate asked for each class.
+    assert state["generator"]["embed.weight"].shape[0] == 10
+    assert "embed.parametrizations.weight.original" in state["discriminator"]
+    assert 0.0 <= metrics["label_accuracy"] <= 1.0
 
     import mlflow
 
     mlflow.set_tracking_uri(config.resolved_tracking_uri)
     model = mlflow.pyfunc.load_model("models:/toolkit@champion")
-    assert model.predict(pd.DataFrame({"seed": [1, 2]})).shape == (2, 16, 16, 1)
+    same_seed = model.predict(pd.DataFrame({"seed": [1, 1], "label": [3, 7]}))
+    assert same_seed.shape == (2, 16, 16, 1)
+    assert not np.array_equal(same_seed[0], same_seed[1])  # the label, not the seed, differs
