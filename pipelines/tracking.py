@@ -13,21 +13,33 @@ for longer than the retry window (``GANPIPE_TRACKING_RETRY_S``, default 300 s).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import re
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+import numpy as np
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipelines.config import Config
 
@@ -36,6 +48,18 @@ STEP_TAG = "ganpipe.step"
 FINGERPRINT_TAG = "ganpipe.fingerprint"
 PIPELINE_TAG = "ganpipe.pipeline_run"
 KIND_TAG = "ganpipe.kind"  # "pipeline" on parent runs
+ENV_TAG_PREFIX = "ganpipe.env."  # the software a pipeline run ran on, one tag per component
+ENV_PACKAGES = ("torch", "ray", "mlflow", "numpy", "pyarrow")
+
+# MLflow's store keeps a dataset digest in 36 characters; a sha256 has 64 hex digits.
+MAX_DATASET_DIGEST = 36
+SPLIT_CONTEXTS = {"train": "training", "holdout": "evaluation"}  # manifest split -> MLflow's
+
+# System metrics (CPU, memory, disk, network, GPU) every few seconds: fine enough to see a stall
+# or a full memory, sparse enough to cost nothing beside training (bench/tracking_overhead.py).
+# MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 5.0
+MONITOR_THREAD = "SystemMetricsMonitor"
 
 RETRY_WINDOW_ENV = "GANPIPE_TRACKING_RETRY_S"
 BUFFER_LIMIT_ENV = "GANPIPE_TRACKING_BUFFER"
@@ -337,9 +361,195 @@ class RunLogger:
     def log_dict(self, payload: Any, name: str) -> None:
         self.log_text(json.dumps(payload, indent=2, sort_keys=True, default=str), name)
 
+    def log_datasets(self, datasets: Sequence[tuple[Dataset, str]]) -> None:
+        """Record ``(dataset, context)`` pairs as the run's dataset inputs (the UI's "Datasets
+        used"); the context is MLflow's ``mlflow.data.context`` tag: training, evaluation …"""
+        entries = [
+            DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for dataset, context in datasets
+        ]
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=entries))
+
+    @contextmanager
+    def system_metrics(
+        self, interval_s: float = SYSTEM_METRICS_INTERVAL_S, resume: bool = False
+    ) -> Iterator[None]:
+        """Log this machine's CPU, memory, disk, network (and GPU, with NVML) figures as
+        ``system/…`` metrics of the run every ``interval_s`` seconds while the block runs, and
+        once more when it ends, however it ends. ``resume`` continues the sample numbering of
+        an earlier attempt of the same run instead of starting again at 0."""
+        monitor = _SystemMetrics(self, interval_s, resume)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self._call(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+class _SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system-metrics monitor (same collectors, same ``system/…`` names) bound to a
+    RunLogger instead of the global active run.
+
+    MLflow's own loop asks the server for the run's status every interval and stops for good
+    at the first failed call, logs through a client of its own, and drops the samples of the
+    last, partial interval. Here the values go through the RunLogger, so they wait out a
+    tracking-server outage with the training metrics; the thread stops when told to and logs
+    what it sampled until then, so even a short step gets a point.
+    """
+
+    def __init__(self, logger: RunLogger, interval_s: float, resume: bool) -> None:
+        # MLflow says at INFO, in every train step, that a machine without a GPU has no GPU
+        # metrics; the run's metric names say which were collected.
+        mlflow_logger = logging.getLogger(SystemMetricsMonitor.__module__)
+        level = mlflow_logger.level
+        mlflow_logger.setLevel(logging.WARNING)
+        try:
+            super().__init__(
+                logger.run_id,
+                sampling_interval=interval_s,
+                resume_logging=resume,
+                tracking_uri=logger.tracking_uri,
+            )
+        finally:
+            mlflow_logger.setLevel(level)
+        self.logger = logger
+        self.failure: BaseException | None = None
+
+    def start(self) -> None:
+        self._process = threading.Thread(target=self.monitor, daemon=True, name=MONITOR_THREAD)
+        self._process.start()
+
+    def monitor(self) -> None:
+        import psutil
+
+        # psutil's first cpu_percent() has nothing to compare with and says 0.0; this call
+        # starts the interval the first sample covers.
+        psutil.cpu_percent()
+        samples = 0
+        try:
+            while True:
+                stopping = self._shutdown_event.wait(self.sampling_interval)
+                self.collect_metrics()
+                samples += 1
+                if stopping or samples >= self.samples_before_logging:
+                    self.publish_metrics(self.aggregate_metrics())
+                    samples = 0
+                if stopping:
+                    return
+        except Exception as exc:  # training goes on without system metrics; finish() says why
+            self.failure = exc
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None:
+        prefix = self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "")
+        self.logger.log_metrics({prefix + k: v for k, v in metrics.items()}, self._logging_step)
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+
+    def finish(self) -> None:
+        if self._process is None:
+            return
+        self._shutdown_event.set()
+        self._process.join()
+        self._process = None
+        if self.failure is not None:
+            print(
+                f"ganpipe: system metrics of run {self.logger.run_id} stopped early: "
+                f"{type(self.failure).__name__}: {self.failure}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+class SplitDataset(MetaDataset):
+    """A prepared split as an MLflow dataset: metadata only, the shards stay where they are.
+    MetaDataset carries no profile; this one says what the split holds."""
+
+    def __init__(
+        self,
+        source: DatasetSource,
+        name: str,
+        digest: str,
+        schema: Schema,
+        profile: dict[str, Any],
+    ) -> None:
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile, sort_keys=True)}
+
+
+def split_dataset(directory: str | Path, manifest: dict[str, Any], split: str) -> SplitDataset:
+    """One split of a prepared dataset. Source: the prepared folder's URI; digest: the split's
+    content digest from the manifest (its first 36 hex digits, MLflow's limit; the whole sha256
+    is in the profile); schema: the image and label tensors; profile: counts, classes, shards
+    and the configured data.source."""
+    entry = manifest["splits"][split]
+    uri = str(directory) if "://" in str(directory) else Path(directory).resolve().as_uri()
+    with warnings.catch_warnings():
+        # file:// matches MLflow's "" and "file" schemes, both local: it warns that it chose.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    origin = str(manifest["source"])
+    schema = Schema(
+        [
+            TensorSpec(np.dtype(np.uint8), (-1, *manifest["shape"]), "image"),
+            TensorSpec(np.dtype(np.int64), (-1,), "label"),
+        ]
+    )
+    profile = {
+        "split": split,
+        "rows": entry["count"],
+        "num_classes": manifest["num_classes"],
+        "class_histogram": entry["class_histogram"],
+        "shards": [f["file"] for f in entry["files"]],
+        "sha256": entry["digest"],
+        "dataset_sha256": manifest["digest"],  # the ganpipe.data_digest tag of models and runs
+        "data_source": origin,
+        "data_source_format": manifest.get("source_format", ""),
+    }
+    name = f"{Path(origin.rstrip('/')).name or origin}-{split}"
+    digest = entry["digest"][:MAX_DATASET_DIGEST]
+    return SplitDataset(source, name=name, digest=digest, schema=schema, profile=profile)
+
+
+def prepared_datasets(
+    directory: str | Path, manifest: dict[str, Any]
+) -> list[tuple[SplitDataset, str]]:
+    """Both splits of a prepared dataset with their MLflow contexts: the training split as
+    "training", the held-out split as "evaluation"."""
+    return [(split_dataset(directory, manifest, s), c) for s, c in SPLIT_CONTEXTS.items()]
+
+
+def environment_tags() -> dict[str, str]:
+    """The software this process runs on, as ``ganpipe.env.*`` tags: Python, the platform, the
+    versions of torch, ray, mlflow, numpy and pyarrow, and CUDA (available, version, devices).
+    Tags rather than an artifact: the UI shows them on the run's page and compares them across
+    runs, and ``search_runs`` filters on them (``tags.`ganpipe.env.torch` = '2.13.0+cpu'``)."""
+    import torch
+
+    tags = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ENV_PACKAGES:
+        try:
+            tags[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            tags[package] = "not installed"
+    available = torch.cuda.is_available()
+    tags["cuda_available"] = str(available).lower()
+    tags["cuda"] = torch.version.cuda or "none"  # the CUDA the torch build targets
+    if available:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        tags["gpus"] = ", ".join(names)
+    return {ENV_TAG_PREFIX + k: v for k, v in tags.items()}
 
 
 def start_pipeline_run(config: Config, run_name: str | None = None) -> RunLogger:
@@ -347,7 +557,7 @@ def start_pipeline_run(config: Config, run_name: str | None = None) -> RunLogger
     run = client.create_run(ensure_experiment(config), run_name=run_name)
     logger = RunLogger(config.resolved_tracking_uri, run.info.run_id, run.info.experiment_id)
     logger.log_params(config.flat())
-    logger.set_tags({PIPELINE_TAG: run.info.run_id, KIND_TAG: "pipeline"})
+    logger.set_tags({PIPELINE_TAG: run.info.run_id, KIND_TAG: "pipeline", **environment_tags()})
     return logger
 
 

@@ -12,22 +12,25 @@ from PIL import Image
 
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
-from pipelines.train import run_training
+from pipelines.tracking import prepared_datasets
+from pipelines.train import ReportHandler, run_training
 
 
 def split_files(dataset: str, manifest: dict[str, Any], split: str) -> list[str]:
     return [str(Path(dataset) / f["file"]) for f in manifest["splits"][split]["files"]]
 
 
-def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
-    manifest = json.loads((Path(dataset) / MANIFEST).read_text())
+def report_to_mlflow(ctx: StepContext) -> ReportHandler:
+    """The train step's handler of training reports: metrics at their step, the sample grid as
+    an image of the step (the UI's image slider shows the generator improving), a progress
+    line. bench/tracking_overhead.py measures what it costs."""
     t = ctx.config.train
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         step = int(metrics.pop("step"))
         grid = metrics.pop("sample_grid_png", None)
         ctx.logger.log_metrics(metrics, step=step)
-        if grid is not None:  # the UI's image slider shows the generator improving
+        if grid is not None:
             image = Image.open(io.BytesIO(base64.b64decode(grid)))
             ctx.logger.client.log_image(
                 ctx.logger.run_id, image, key="samples", step=step, synchronous=True
@@ -41,17 +44,33 @@ def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
             + (" [checkpoint]" if checkpoint else "")
         )
 
+    return on_report
+
+
+def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
+    manifest = json.loads((Path(dataset) / MANIFEST).read_text())
+    t = ctx.config.train
+    # The data this run learns from (training) and is measured against (evaluation).
+    ctx.logger.log_datasets(prepared_datasets(dataset, manifest))
+
     ctx.log(f"{t.workers} workers x {t.batch_size // t.workers} images, {t.steps} steps")
-    result = run_training(
-        ctx.config,
-        shards=split_files(dataset, manifest, "train"),
-        shape=tuple(manifest["shape"]),
-        # Inside the step's content-addressed folder: a rerun of the same training after a crash
-        # finds Ray Train's checkpoints there and continues from the latest one.
-        storage_path=str(ctx.output_dir / "ray"),
-        name="train",
-        on_report=on_report,
-        probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
-    )
+    # CPU, memory (and GPU) of this machine while training runs; stopped however it ends.
+    with ctx.logger.system_metrics(resume=ctx.attempt > 1):
+        result = run_training(
+            ctx.config,
+            shards=split_files(dataset, manifest, "train"),
+            shape=tuple(manifest["shape"]),
+            # Inside the step's content-addressed folder: a rerun of the same training after a
+            # crash finds Ray Train's checkpoints there and continues from the latest one.
+            storage_path=str(ctx.output_dir / "ray"),
+            name="train",
+            on_report=report_to_mlflow(ctx),
+            probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
+            num_classes=manifest["num_classes"],
+        )
     ctx.logger.log_artifact(Path(result.checkpoint_path) / "state.pt", "checkpoint")
-    return {"checkpoint": result.checkpoint_path, "shape": manifest["shape"]}
+    return {
+        "checkpoint": result.checkpoint_path,
+        "shape": manifest["shape"],
+        "num_classes": manifest["num_classes"],
+    }

@@ -12,6 +12,7 @@ from gan.data import ImageSet
 from gan.data.shards import concat, content_digest, read_shard
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import FORMAT, MANIFEST
+from pipelines.tracking import prepared_datasets
 
 
 class DatasetInvalid(ValueError):
@@ -60,4 +61,6 @@ def validate(ctx: StepContext, dataset: str) -> dict[str, Any]:
         figures[f"{split}_images"] = len(data)
         ctx.log(f"{split}: {len(data)} images, {num_classes} classes, digest ok")
     ctx.logger.log_metrics(figures)
+    # Checked, so recorded: the MLflow dataset inputs (source, digest, profile) of both splits.
+    ctx.logger.log_datasets(prepared_datasets(dataset, manifest))
     return {"dataset": dataset, "digest": manifest["digest"]}
