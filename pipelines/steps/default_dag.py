@@ -29,7 +29,7 @@ TRAIN = Step(
     train,
     # The classifier scores the generator while it trains (train.eval_every).
     inputs={"dataset": "validate.dataset", "classifier": "fit_features.classifier"},
-    outputs=("checkpoint", "shape"),
+    outputs=("checkpoint", "shape", "num_classes"),
     config_sections=("model", "optim", "loss", "augment", "ema", "train"),
     num_cpus=0,  # the step only waits on Ray Train; its workers hold the CPUs
     retries=1,  # a rerun continues from the last checkpoint in the step's folder
