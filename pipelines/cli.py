@@ -122,6 +122,7 @@ def _run_dag(args: argparse.Namespace, dag, *, tune: bool) -> int:  # noqa: ANN0
     print(f"  generator             {metrics['frechet_distance']:10.3f}")
     print(f"  floor (train images)  {metrics['frechet_distance_floor']:10.3f}")
     print(f"  Gaussian baseline     {metrics['frechet_distance_gaussian']:10.3f}")
+    print(f"  Gaussian mixture      {metrics['frechet_distance_gmm']:10.3f}  (10 components)")
     print(f"  classes covered       {metrics['class_coverage']:10d}")
     print(f"  mean confidence       {metrics['mean_confidence']:10.3f}")
     print(f"  KID                   {metrics['kid']:10.4f}")
