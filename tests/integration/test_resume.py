@@ -18,6 +18,7 @@ from pipelines.config import load_config
 pytestmark = pytest.mark.integration
 ARGS = [
     "-c", "smoke", "train.steps=300", "train.checkpoint_every=50", "train.report_every=25",
+    "train.eval_every=50",
     "register.model_name=resume-model",
 ]  # fmt: skip
 
