@@ -29,7 +29,9 @@ def plus_one_changed(ctx, value):
 
 def sleeper(ctx, value):
     started = time.time()
-    time.sleep(8)  # long enough to cover starting a second worker process (~3 s here)
+    # Long enough to cover starting a second worker process for the steps' runtime env: ~3 s
+    # on 2 idle cores, over 10 s when the machine is saturated.
+    time.sleep(15)
     return {"started": started, "ended": time.time()}
 
 
