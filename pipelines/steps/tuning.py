@@ -17,7 +17,7 @@ from pipelines.config import mutated, validate_population
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
 from pipelines.steps.training import split_files
-from pipelines.tracking import PARENT_TAG, RunLogger
+from pipelines.tracking import PARENT_TAG, RunLogger, prepared_datasets
 from pipelines.tune import PopulationResult, run_population
 
 TRIAL_METRICS = ("eval_distance", "lr_g", "lr_d", "loss_d", "loss_g", "d_real", "d_fake",
@@ -69,15 +69,19 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
         f"population {p.population} x {config.train.workers} workers, mutating {', '.join(names)} "
         f"every {p.perturbation_interval} steps"
     )
-    outcome = run_population(
-        config,
-        shards=split_files(dataset, manifest, "train"),
-        shape=tuple(manifest["shape"]),
-        probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
-        storage_path=str(ctx.output_dir / "ray"),
-        on_result=on_result,
-        num_classes=manifest["num_classes"],
-    )
+    # As the train step: the data the population learns from and is measured against, and
+    # the machine's CPU, memory (and GPU) while it trains.
+    ctx.logger.log_datasets(prepared_datasets(dataset, manifest))
+    with ctx.logger.system_metrics(resume=ctx.attempt > 1):
+        outcome = run_population(
+            config,
+            shards=split_files(dataset, manifest, "train"),
+            shape=tuple(manifest["shape"]),
+            probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
+            storage_path=str(ctx.output_dir / "ray"),
+            on_result=on_result,
+            num_classes=manifest["num_classes"],
+        )
     for logger in trial_runs.values():
         logger.finish()
     table = lineage_table(outcome, short)
