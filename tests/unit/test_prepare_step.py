@@ -74,3 +74,34 @@ def test_config_checks_the_source_format_before_anything_runs(tmp_path):
         load_config(None, [f"data.source={tmp_path / 'notes.txt'}"])
     with pytest.raises(ConfigError, match="data.on_bad: unknown 'ignore'; allowed: fail, skip"):
         load_config(None, ["data.on_bad=ignore"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        ([0, 1, 3] * 4, ["classes 2 of 0..3 have no images", "relabel the classes 0..K-1"]),
+        ([0, 1] * 6 + [2], ["classes 2 of 0..2 have one image only", "one held out"]),
+        ([0, 1] * 5 + [10**12], ["label 1000000000000 with only 11 images", "0..K-1"]),
+    ],
+)
+def test_labels_that_are_not_classes_0_to_k_are_refused_before_anything_is_written(
+    tmp_path, labels, words
+):
+    source = tmp_path / "labels.npz"
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 8, 8), dtype=np.uint8)
+    np.savez(source, images=images, labels=np.asarray(labels, np.int64))
+    ctx, _ = _context(tmp_path, source)
+    with pytest.raises(ValueError) as info:
+        prepare(ctx)
+    for word in words:
+        assert word in str(info.value)
+    assert not list(ctx.output_dir.iterdir()), "nothing may be written"
+
+
+def test_an_empty_source_is_refused_naming_it(tmp_path):
+    source = tmp_path / "empty.npz"
+    np.savez(source, images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64))
+    ctx, _ = _context(tmp_path, source)
+    with pytest.raises(ValueError, match=r"empty.npz' holds 0 images; need at least 4"):
+        prepare(ctx)
+    assert not list(ctx.output_dir.iterdir())
