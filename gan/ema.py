@@ -9,10 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return module.module if hasattr(module, "module") else module
+from gan.state import unwrap
 
 
 class GeneratorEMA:
@@ -40,7 +37,7 @@ class GeneratorEMA:
             raise ValueError(f"EMA start_step must be >= 0, got {start_step}")
         self.decay = float(decay)
         self.start_step = int(start_step)
-        self.module = copy.deepcopy(_unwrap(generator))
+        self.module = copy.deepcopy(unwrap(generator))
         self.module.eval()
         self.module.requires_grad_(False)
 
@@ -59,7 +56,7 @@ class GeneratorEMA:
     def update(self, generator: nn.Module, step: int) -> None:
         """Average (or, before ``start_step``, copy) the parameters of ``generator``; copy its
         buffers."""
-        source = _unwrap(generator)
+        source = unwrap(generator)
         params = self._pairs(
             dict(self.module.named_parameters()), dict(source.named_parameters()), "parameters"
         )

@@ -132,7 +132,7 @@ def _uniform_per_sample(
 
 
 def gradient_penalty(
-    discriminator: nn.Module,
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
     real: torch.Tensor,
     fake: torch.Tensor,
     rng: torch.Generator | None = None,

@@ -19,12 +19,14 @@ def make_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     eps: float = 1e-8,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (one of :data:`OPTIMIZERS`) over ``params``.
 
     * ``adam`` / ``adamw``: ``betas``, ``eps``, ``weight_decay`` (L2 in the gradient for Adam,
       decoupled for AdamW; note that 0.0, the default here, makes AdamW behave like Adam, unlike
-      torch's AdamW default of 0.01);
+      torch's AdamW default of 0.01); ``fused``: one kernel updates every parameter (CUDA
+      and CPU; same arithmetic as the loop over parameters, up to rounding);
     * ``rmsprop``: torch's default smoothing ``alpha=0.99``, ``momentum``, ``eps``,
       ``weight_decay`` (``betas`` unused);
     * ``sgd``: ``momentum`` (heavy-ball, no Nesterov), ``weight_decay`` (``betas``, ``eps`` unused).
@@ -33,14 +35,14 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
     if not lr > 0:  # also rejects NaN
         raise ValueError(f"lr must be > 0, got {lr}")
+    if fused and name not in ("adam", "adamw"):
+        raise ValueError(f"fused kernels exist for adam and adamw only, not {name!r}")
+    # fused=None leaves torch's own choice (the foreach implementation) as it was.
+    adam = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None)
     if name == "adam":
-        return torch.optim.Adam(
-            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
-        )
+        return torch.optim.Adam(params, **adam)
     if name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay
-        )
+        return torch.optim.AdamW(params, **adam)
     if name == "rmsprop":
         return torch.optim.RMSprop(
             params, lr=lr, alpha=0.99, eps=eps, weight_decay=weight_decay, momentum=momentum

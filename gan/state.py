@@ -12,8 +12,16 @@ STATE_FILE = "state.pt"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return module.module if hasattr(module, "module") else module
+    """The module inside DistributedDataParallel and ``torch.compile`` wrappers, in any order
+    (or the module itself)."""
+    while True:
+        # Through _modules: a compiled module forwards attribute reads to the original.
+        inner = module._modules.get("_orig_mod")
+        if inner is None:
+            inner = module._modules.get("module")
+        if inner is None:
+            return module
+        module = inner
 
 
 def save_state(

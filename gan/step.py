@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,7 @@ def train_step(
     consistency_weight: float = 0.0,
     labels: torch.Tensor | None = None,
     num_classes: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> StepStats:
     """Update D ``d_steps`` times on ``real`` and fresh fake batches, then G against the updated D.
 
@@ -137,6 +138,10 @@ def train_step(
     * ``labels``/``num_classes``: class-conditional training. ``labels`` are the reals' classes;
       every fake batch gets labels drawn uniformly from ``rng``; G and D are called with them
       (R1, the gradient penalty and consistency use the reals' labels).
+    * ``autocast_dtype``: run G's and D's forward passes under ``torch.autocast`` with this
+      dtype (e.g. ``torch.bfloat16``); their outputs are cast back to float32, so losses,
+      penalties, augmentation and gradients of the parameters stay float32 (bf16 has float32's
+      range: no loss scaling).
     """
     d_loss_fn, g_loss_fn = get_loss(loss)
     for name, value in (
@@ -174,11 +179,20 @@ def train_step(
         drawn = torch.randint(0, num_classes, (real.shape[0],), generator=rng, device=rng.device)
         return drawn.to(real.device)
 
+    def precision() -> AbstractContextManager:
+        if autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(real.device.type, dtype=autocast_dtype)
+
     def d(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return module(x) if y is None else module(x, y)
+        with precision():
+            logits = module(x) if y is None else module(x, y)
+        return logits.float()
 
     def g(module: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return module(z) if y is None else module(z, y)
+        with precision():
+            images = module(z) if y is None else module(z, y)
+        return images.float()
 
     g_inner = generator_inner if generator_inner is not None else generator
     d_inner = discriminator_inner if discriminator_inner is not None else discriminator
@@ -204,8 +218,9 @@ def train_step(
             total = total + (r1_gamma * r1_interval) * r1
             r1s.append(r1.detach())
         if gp_weight > 0:
-            critic = (lambda x: discriminator(x, labels)) if labels is not None else discriminator
-            gp = gradient_penalty(critic, real_seen.detach(), fake_seen, rng)
+            gp = gradient_penalty(
+                lambda x: d(discriminator, x, labels), real_seen.detach(), fake_seen, rng
+            )
             total = total + gp_weight * gp
             gps.append(gp.detach())
         if lecam_weight > 0:

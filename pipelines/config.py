@@ -25,6 +25,7 @@ from gan.schedules import DECAYS, WARMUPS, SchedulePolicy
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 SAMPLING_MODES = ("eval", "train")
+PRECISIONS = ("fp32", "bf16")
 MUTABLE = ("lr_g", "lr_d", "beta1", "d_steps")  # what population-based training can adapt
 
 
@@ -182,6 +183,31 @@ class TrainConfig:
 
 
 @dataclass
+class PerfConfig:
+    precision: str = doc(
+        "arithmetic of G's and D's forward passes: fp32, or bf16 (autocast: convolutions in "
+        "bfloat16; losses, gradients and optimizer states stay float32)",
+        "fp32",
+    )
+    channels_last: bool = doc(
+        "NHWC memory layout for the networks and the batches (tensor-core GPUs convolve faster)",
+        False,
+    )
+    compile: bool = doc(
+        "torch.compile G and D (the first steps of a worker compile them: tens of seconds)", False
+    )
+    fused_optimizer: bool = doc(
+        "fused Adam/AdamW: one kernel updates every parameter (optim.*_optimizer adam or adamw)",
+        False,
+    )
+    pin_memory: bool = doc(
+        "copy batches to the GPU through pinned host memory, without blocking (needs "
+        "train.use_gpu)",
+        False,
+    )
+
+
+@dataclass
 class EvalConfig:
     samples: int = doc("generated images scored against the held-out split", 1000)
     classifier_epochs: int = doc("epochs of the feature-extractor classifier", 15)
@@ -256,6 +282,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tune: PopulationConfig = field(default_factory=PopulationConfig)
@@ -305,6 +332,7 @@ _SECTIONS: dict[str, type] = {
     "augment": AugmentConfig,
     "ema": EmaConfig,
     "train": TrainConfig,
+    "perf": PerfConfig,
     "eval": EvalConfig,
     "register": RegisterConfig,
     "tune": PopulationConfig,
@@ -462,6 +490,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"optim: {exc}") from None
     _validate_loss(c)
     _validate_augment(c)
+    _validate_perf(c)
     t = c.train
     _require(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
@@ -583,6 +612,35 @@ def _validate_loss(c: Config) -> None:
     )
     _require(0 < ema.decay < 1, f"ema.decay must be in (0, 1), got {ema.decay}")
     _require(ema.start_step >= 0, "ema.start_step must be >= 0")
+
+
+def _validate_perf(c: Config) -> None:
+    p = c.perf
+    _require(
+        p.precision in PRECISIONS,
+        f"perf.precision: unknown {p.precision!r}; allowed: {', '.join(PRECISIONS)}",
+    )
+    not_adam = [
+        f"optim.{key}={getattr(c.optim, key)}"
+        for key in ("g_optimizer", "d_optimizer")
+        if getattr(c.optim, key) not in ("adam", "adamw")
+    ]
+    _require(
+        not (p.fused_optimizer and not_adam),
+        f"perf.fused_optimizer has fused kernels for adam and adamw only ({', '.join(not_adam)}): "
+        "switch those optimizers or set perf.fused_optimizer=false",
+    )
+    _require(
+        not (p.compile and p.channels_last),
+        "perf.compile with perf.channels_last: torch's compiler miscompiles the backward pass of "
+        "G's first transposed convolution in NHWC layout (seen on an H200, torch 2.11): turn one "
+        "of them off",
+    )
+    _require(
+        not (p.pin_memory and not c.train.use_gpu),
+        "perf.pin_memory speeds up copies from host to GPU memory: set train.use_gpu=true, or "
+        "perf.pin_memory=false on CPU",
+    )
 
 
 def _validate_augment(c: Config) -> None:

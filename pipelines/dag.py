@@ -31,6 +31,12 @@ class StepContext:
     output_dir: Path  # content-addressed: <workdir>/outputs/<step>/<fingerprint>
     pipeline_run_id: str
     attempt: int = 1
+    # Where output_dir ends up: itself, or for a workdir on S3 the s3:// prefix it is uploaded
+    # to when the step returns (what writes straight to storage, Ray Train, goes there).
+    output_uri: str = ""
+
+    def __post_init__(self) -> None:
+        self.output_uri = self.output_uri or str(self.output_dir)
 
     def log(self, message: str) -> None:
         print(f"[{self.step}] {message}", flush=True)

@@ -21,6 +21,7 @@ from gan.optim import make_optimizer, set_learning_rate
 from gan.schedules import make_scheduler
 from gan.state import load_state, load_worker_rng
 from gan.step import StepStats, train_step
+from gan.transfer import HostToDevice
 from pipelines.config import Config, schedule_policy
 
 
@@ -70,9 +71,19 @@ class TrainingState:
         torch.manual_seed(t.seed)  # identical initial weights on every worker
         self.generator, self.discriminator = build_models(config, channels, num_classes)
         self.num_classes = self.generator.num_classes
-        self.generator.to(device)
-        self.discriminator.to(device)
-        hyper = dict(betas=(o.beta1, o.beta2), momentum=o.momentum, weight_decay=o.weight_decay)
+        p = config.perf
+        layout = torch.channels_last if p.channels_last else torch.contiguous_format
+        self.generator.to(device, memory_format=layout)
+        self.discriminator.to(device, memory_format=layout)
+        self.transfer = HostToDevice(device, pin_memory=p.pin_memory, channels_last=p.channels_last)
+        self.autocast_dtype = torch.bfloat16 if p.precision == "bf16" else None
+        self._compiled: dict[int, nn.Module] = {}
+        hyper = dict(
+            betas=(o.beta1, o.beta2),
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            fused=p.fused_optimizer,
+        )
         self.opt_g = make_optimizer(o.g_optimizer, self.generator.parameters(), lr=o.lr_g, **hyper)
         self.opt_d = make_optimizer(
             o.d_optimizer, self.discriminator.parameters(), lr=o.lr_d, **hyper
@@ -94,7 +105,7 @@ class TrainingState:
             else None
         )
         self.lecam = LeCamAnchors() if config.loss.lecam_weight > 0 else None
-        self._real_sign_window = torch.zeros(())
+        self._real_sign_window = torch.zeros((), device=device)
 
     @property
     def evaluated(self) -> nn.Module:
@@ -151,16 +162,18 @@ class TrainingState:
         class-conditional) with every configured option, then the schedules.
         ``generator``/``discriminator`` are DDP wrappers of this state's networks, if any."""
         loss, t = self.config.loss, self.config.train
+        generator = generator if generator is not None else self.generator
+        discriminator = discriminator if discriminator is not None else self.discriminator
         stats = train_step(
-            generator=generator if generator is not None else self.generator,
-            discriminator=discriminator if discriminator is not None else self.discriminator,
+            generator=self._maybe_compiled(generator),
+            discriminator=self._maybe_compiled(discriminator),
             opt_g=self.opt_g,
             opt_d=self.opt_d,
             real=real,
             latent_dim=self.config.model.latent_dim,
             rng=self.rng,
-            generator_inner=self.generator,
-            discriminator_inner=self.discriminator,
+            generator_inner=self._maybe_compiled(self.generator),
+            discriminator_inner=self._maybe_compiled(self.discriminator),
             loss=loss.kind,
             gp_weight=loss.gp_weight,
             r1_gamma=loss.r1_gamma,
@@ -175,10 +188,28 @@ class TrainingState:
             consistency_weight=loss.consistency_weight,
             labels=labels if self.num_classes else None,
             num_classes=self.num_classes,
+            autocast_dtype=self.autocast_dtype,
         )
         self.sched_g.step()
         self.sched_d.step()
         return stats
+
+    def to_device(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host batch on this state's device, in the networks' memory layout
+        (``perf.pin_memory``, ``perf.channels_last``)."""
+        return self.transfer.images(images), self.transfer.labels(labels)
+
+    def _maybe_compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` under ``torch.compile`` when ``perf.compile`` is on, compiled once. The
+        compiled wrapper shares the parameters; checkpoints, EMA and evaluation keep using the
+        plain modules, whose state_dict keys carry no ``_orig_mod.`` prefix."""
+        if not self.config.perf.compile:
+            return module
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = torch.compile(module)
+        return self._compiled[id(module)]
 
     def adapt_augmentation(
         self,
@@ -192,7 +223,7 @@ class TrainingState:
         if self.ada is None:
             return
         interval = self.config.augment.interval
-        self._real_sign_window += stats.real_sign.detach().cpu()
+        self._real_sign_window += stats.real_sign.detach()
         if (step + 1) % interval == 0:
             signal = average(self._real_sign_window / interval)
             images = self.config.train.batch_size * interval

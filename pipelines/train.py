@@ -89,10 +89,11 @@ def _png_base64(samples: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _broadcast_from_rank0(value: float, world: int) -> float:
+def _broadcast_from_rank0(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # On the training device: NCCL moves CUDA tensors only.
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
     return float(tensor)
 
@@ -177,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 samples = probe.samples(state.evaluated)
                 distance = probe.distance(samples)
                 metrics["sample_grid_png"] = _png_base64(samples[: config.eval.grid_size])
-            metrics["eval_distance"] = _broadcast_from_rank0(distance, world)
+            metrics["eval_distance"] = _broadcast_from_rank0(distance, world, device)
             state.report_plateau(metrics["eval_distance"])
         if done % t.checkpoint_every and done != t.steps:
             ray.train.report(metrics)
@@ -203,24 +204,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
 
     loss = config.loss
-    sums = torch.zeros(10)
+    # Summed on the device and read once per report: a .cpu() per step would make the host
+    # wait for every GPU step to finish before queueing the next one.
+    sums = torch.zeros(10, device=device)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start, t.steps):
         index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
-        stats = state.step(
-            data[index].to(device), step, generator, discriminator, labels[index].to(device)
-        )
+        real, real_labels = state.to_device(data[index], labels[index])
+        stats = state.step(real, step, generator, discriminator, real_labels)
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         figures = [
             stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
             stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,
         ]  # fmt: skip
-        sums += torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures]).cpu()
+        sums += torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures])
         window_steps += 1
         done = step + 1
         if done % t.report_every and done != t.steps:
             continue
-        means = _mean_across_workers(sums / window_steps)
+        means = _mean_across_workers(sums / window_steps).cpu()
         elapsed = time.perf_counter() - window_start
         augment, ada = state.augment, state.ada
         metrics = {

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from pipelines import storage
 from pipelines.config import Config, config_from_dict, mutated
 from pipelines.train import CHECKPOINT_OWNER, run_training
 
@@ -90,9 +92,16 @@ def _trial(params: dict[str, Any]) -> None:
     config = trial_config(params["base"], values)
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), Path(context.get_trial_dir())
+    # Ray Train's runs of this trial: beside Tune's on S3 (its workers may sit on other nodes
+    # than this function), else in the trial's folder.
+    train_uri = str(trial_dir)
+    if params.get("train_storage"):
+        train_uri = storage.join(params["train_storage"], trial_id)
+    fs, train_path = storage.filesystem(train_uri, config)
+    runs = fs.get_file_info(pafs.FileSelector(train_path, allow_not_found=True))
     # A fresh Ray Train run per (re)start: Ray Train would otherwise restore this trial's own
     # latest checkpoint instead of the one Tune hands over.
-    attempt = len(list(trial_dir.glob("train-*")))
+    attempt = sum(Path(info.path).name.startswith("train-") for info in runs)
     extra: dict[str, Any] = {}
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
@@ -102,7 +111,10 @@ def _trial(params: dict[str, Any]) -> None:
         metrics.pop("sample_grid_png", None)
         metrics.update(extra)
         extra.clear()
-        saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint else None
+        saved = None
+        if checkpoint:  # Tune copies it into the trial's storage (S3 to S3 on a cluster)
+            where, path = storage.filesystem(checkpoint, config)
+            saved = tune.Checkpoint(path, filesystem=where)
         tune.report({**metrics, "trial_id": trial_id}, checkpoint=saved)
 
     checkpoint = tune.get_checkpoint()  # an exploit's donor state, or this trial's own
@@ -115,7 +127,7 @@ def _trial(params: dict[str, Any]) -> None:
             config,
             shards=params["shards"],
             shape=tuple(params["shape"]),
-            storage_path=str(trial_dir),
+            storage_path=train_uri,
             name=f"train-{attempt}",
             on_report=on_report,
             probe=params["probe"],
@@ -239,12 +251,19 @@ def run_population(
         "shape": list(shape),
         "probe": probe,
         "num_classes": num_classes,
+        "train_storage": (
+            storage.join(storage_path, "pbt-train") if storage.is_remote(storage_path) else None
+        ),
         "index": tune.grid_search(list(range(p.population))),
     }
     for name in names:
         param_space[name] = tune.sample_from(
             lambda spec, name=name: starts[spec.config["index"]][name]
         )
+    # On S3 the trials' checkpoints (and PBT's clones of them) are where every node reads.
+    tune_fs, tune_path = None, str(Path(storage_path).resolve())
+    if storage.is_remote(storage_path):
+        tune_fs, tune_path = storage.filesystem(storage_path, config)
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": TRIAL_CPUS}),
         param_space=param_space,
@@ -253,7 +272,8 @@ def run_population(
         ),
         run_config=tune.RunConfig(
             name="pbt",
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=tune_path,
+            storage_filesystem=tune_fs,
             callbacks=[Forward(lineage)],
             failure_config=tune.FailureConfig(max_failures=p.max_failures),
             verbose=0,  # the step prints one line per evaluation instead
@@ -269,7 +289,7 @@ def run_population(
     return PopulationResult(
         best_trial=best.metrics["trial_id"],
         best_distance=float(best.metrics["eval_distance"]),
-        best_checkpoint=best.checkpoint.path,
+        best_checkpoint=storage.to_uri(best.checkpoint.filesystem, best.checkpoint.path),
         histories=lineage.histories,
         exploits=lineage.exploits,
         initial=lineage.initial,

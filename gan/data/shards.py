@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gan.data.arrays import ImageSet
@@ -32,9 +33,12 @@ def from_table(table: pa.Table, shape: tuple[int, int, int]) -> ImageSet:
     return ImageSet(images, labels)
 
 
-def read_shard(path: str | Path, shape: tuple[int, int, int]) -> ImageSet:
-    """One Parquet shard file of images shaped ``shape`` (C, H, W)."""
-    return from_table(pq.read_table(path), shape)
+def read_shard(
+    path: str | Path, shape: tuple[int, int, int], filesystem: pafs.FileSystem | None = None
+) -> ImageSet:
+    """One Parquet shard file of images shaped ``shape`` (C, H, W); ``path`` is on
+    ``filesystem`` when one is given (``bucket/key`` on an S3 file system)."""
+    return from_table(pq.read_table(str(path), filesystem=filesystem), shape)
 
 
 def concat(parts: Sequence[ImageSet]) -> ImageSet:

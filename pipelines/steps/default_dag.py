@@ -30,7 +30,7 @@ TRAIN = Step(
     # The classifier scores the generator while it trains (train.eval_every).
     inputs={"dataset": "validate.dataset", "classifier": "fit_features.classifier"},
     outputs=("checkpoint", "shape", "num_classes"),
-    config_sections=("model", "optim", "loss", "augment", "ema", "train"),
+    config_sections=("model", "optim", "loss", "augment", "ema", "train", "perf"),
     num_cpus=0,  # the step only waits on Ray Train; its workers hold the CPUs
     retries=1,  # a rerun continues from the last checkpoint in the step's folder
     retry_on=(OSError,),

@@ -41,6 +41,7 @@ from pipelines.loop import build_models
 from pipelines.seeds import EVAL_SEED, STANDING_STATS_SEED
 from pipelines.steps.features import load_classifier
 from pipelines.steps.validate import load_split
+from pipelines.storage import localize
 
 GMM_COMPONENTS = 10  # one per digit class; fitting takes about 5 s on the digits (one core)
 GMM_MAX_IMAGES = 5000  # EM costs K * N * D^2 per iteration: bound N on MNIST or CIFAR-10
@@ -76,11 +77,12 @@ def evaluate(
     ctx: StepContext, dataset: str, checkpoint: str, classifier: str, accuracy: float
 ) -> dict[str, Any]:
     cfg = ctx.config
-    train_set, manifest = load_split(dataset, "train")
-    holdout_set, _ = load_split(dataset, "holdout")
+    train_set, manifest = load_split(dataset, "train", cfg)
+    holdout_set, _ = load_split(dataset, "holdout", cfg)
     train_x, holdout_x = to_model_range(train_set.images), to_model_range(holdout_set.images)
-    extractor = load_classifier(classifier)
+    extractor = load_classifier(localize(classifier, cfg))
 
+    checkpoint = str(localize(checkpoint, cfg))  # a Ray Train checkpoint: a folder or s3://
     generator = load_generator(cfg, checkpoint, train_set.shape[0], manifest["num_classes"])
     seeds = list(range(EVAL_SEED, EVAL_SEED + cfg.eval.samples))
     requested = balanced_labels(len(seeds), generator.num_classes)

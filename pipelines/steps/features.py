@@ -22,8 +22,8 @@ WEIGHTS, SPEC = "classifier.pt", "classifier.json"
 
 
 def fit_features(ctx: StepContext, dataset: str) -> dict[str, Any]:
-    train_set, manifest = load_split(dataset, "train")
-    holdout_set, _ = load_split(dataset, "holdout")
+    train_set, manifest = load_split(dataset, "train", ctx.config)
+    holdout_set, _ = load_split(dataset, "holdout", ctx.config)
     spec = {
         "in_channels": train_set.shape[0],
         "resolution": train_set.shape[1],
@@ -49,6 +49,7 @@ def fit_features(ctx: StepContext, dataset: str) -> dict[str, Any]:
 
 
 def load_classifier(directory: str | Path) -> DigitClassifier:
+    """The fit_features classifier from a local folder (``storage.localize`` an s3:// one)."""
     spec = json.loads((Path(directory) / SPEC).read_text())
     classifier = DigitClassifier(**spec)
     weights = torch.load(Path(directory) / WEIGHTS, map_location="cpu", weights_only=True)

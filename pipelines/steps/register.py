@@ -15,6 +15,7 @@ from pipelines.registry import (
     log_generator,
     sampling_mode,
 )
+from pipelines.storage import localize
 from pipelines.tracking import git_commit
 
 
@@ -29,7 +30,7 @@ def register(
         run_id=ctx.logger.run_id,
         tracking_uri=ctx.logger.tracking_uri,
         config=ctx.config,
-        checkpoint=checkpoint,
+        checkpoint=str(localize(checkpoint, ctx.config)),
         shape=shape,
         model_name=name,
     )

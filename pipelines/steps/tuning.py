@@ -8,11 +8,11 @@ time, every exploit) is logged as a table and a plot.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
 from pipelines.config import mutated, validate_population
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
@@ -27,7 +27,7 @@ TRIAL_METRICS = ("eval_distance", "lr_g", "lr_d", "loss_d", "loss_g", "d_real", 
 def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
     config = ctx.config
     validate_population(config)
-    manifest = json.loads((Path(dataset) / MANIFEST).read_text())
+    manifest = storage.read_json(storage.join(dataset, MANIFEST), config)
     names = mutated(config)
     trial_runs: dict[str, RunLogger] = {}
     short: dict[str, str] = {}
@@ -78,7 +78,7 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
             shards=split_files(dataset, manifest, "train"),
             shape=tuple(manifest["shape"]),
             probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
-            storage_path=str(ctx.output_dir / "ray"),
+            storage_path=storage.join(ctx.output_uri, "ray"),
             on_result=on_result,
             num_classes=manifest["num_classes"],
         )
@@ -89,7 +89,8 @@ def tune(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
     plot = ctx.output_dir / "lineage.png"
     plot_lineage(outcome, short, names, plot)
     ctx.logger.log_artifact(plot)
-    ctx.logger.log_artifact(Path(outcome.best_checkpoint) / "state.pt", "checkpoint")
+    best = storage.localize(outcome.best_checkpoint, config)
+    ctx.logger.log_artifact(best / "state.pt", "checkpoint")
     ctx.logger.log_metrics(
         {"best_eval_distance": outcome.best_distance, "exploits": len(outcome.exploits)}
     )

@@ -12,7 +12,8 @@ from .mlflow_server import mlflow_server, tracking_backend  # noqa: F401  (sessi
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
+    # After s3_server: Ray's processes inherit its credentials (tests/conftest.py).
     import ray
 
     init_ray(num_cpus=3)  # like the embedded default: cores + 1
