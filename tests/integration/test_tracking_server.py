@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,14 +31,20 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = ["prepare", "validate", "fit_features", "train", "evaluate", "register"]
 
 # One writer process: logs POINTS values of "loss" and "lr" to RUN_ID, one call per step, one
-# every INTERVAL seconds, then finishes the run (which flushes what is still buffered).
+# every INTERVAL seconds, and a sample image every IMAGE_EVERY steps as the train step does, then
+# finishes the run (which flushes what is still buffered).
+IMAGE_EVERY = 25  # as in WRITER
+OUTAGE_S = 30  # how long the killed server stays away (issue #8: half a minute)
 WRITER = """
 import sys, time
+import numpy as np
 from pipelines.tracking import RunLogger
 uri, run_id, points, interval = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 logger = RunLogger(uri, run_id)
 for step in range(points):
     logger.log_metrics({"loss": 1000 + step, "lr": step / 1000}, step=step)
+    if step % 25 == 0:  # IMAGE_EVERY
+        logger.log_image(np.full((4, 4, 3), step % 256, np.uint8), key="samples", step=step)
     time.sleep(interval)
 logger.finish()
 print("pending after finish:", logger.pending)
@@ -136,8 +143,9 @@ def test_concurrent_writers_lose_no_point(mlflow_server):
 
 
 def test_server_killed_and_restarted_loses_no_metric(tracking_backend, tmp_path):
-    """A server of its own (to kill) on the session's database, restarted on the same port."""
-    points, interval = 200, 0.1
+    """A server of its own (to kill) on the session's database, restarted on the same port
+    after OUTAGE_S seconds, while the writer goes on logging metrics and images."""
+    points, interval = 450, 0.1
     uri, server = start_mlflow_server(tmp_path, tracking_backend)
     port = int(uri.rsplit(":", 1)[1])
     try:
@@ -152,8 +160,8 @@ def test_server_killed_and_restarted_loses_no_metric(tracking_backend, tmp_path)
 
         stop_mlflow_server(server, crash=True)  # SIGKILL: no goodbye to the clients
         killed_at = time.time()
-        time.sleep(3)
-        assert writer.poll() is None, "the writer died with the server"
+        time.sleep(OUTAGE_S)
+        assert writer.poll() is None, "the writer died with the server, or stopped logging"
         uri, server = start_mlflow_server(tmp_path, tracking_backend, port=port)
         back_at = time.time()
 
@@ -162,12 +170,20 @@ def test_server_killed_and_restarted_loses_no_metric(tracking_backend, tmp_path)
         assert "pending after finish: 0" in out
         history = _assert_every_point_arrived(client, run_id, points)
         assert client.get_run(run_id).info.status == "FINISHED"
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
     finally:
         stop_mlflow_server(server)
 
     # Values logged while the server was down arrived later, with the time they were logged.
     during_outage = [m for m in history if killed_at * 1000 < m.timestamp < back_at * 1000]
-    assert len(during_outage) >= 3 / interval, (killed_at, back_at)
+    assert len(during_outage) >= 0.5 * OUTAGE_S / interval, (killed_at, back_at)
+    # Every sample image, too, each once (the UI's image slider has no gap).
+    image_steps = sorted(
+        int(re.search(r"\+step\+(\d+)\+", p).group(1)) for p in images if p.endswith(".png")
+    )
+    assert image_steps == list(range(0, points, IMAGE_EVERY)), images
+    logged_at = [int(re.search(r"\+timestamp\+(\d+)\+", p).group(1)) for p in images]
+    assert any(killed_at * 1000 < t < back_at * 1000 for t in logged_at)
     lost = [line for line in err.splitlines() if "unreachable" in line]
     back = [line for line in err.splitlines() if "reachable again" in line]
     assert len(lost) == 1, err[-3000:]

@@ -110,3 +110,16 @@ def test_tracking_uri_precedence_config_then_environment_then_workdir(monkeypatc
     assert Config(workdir=str(tmp_path)).resolved_tracking_uri == "http://tracking.example:5000"
     explicit = Config(workdir=str(tmp_path), tracking_uri="http://127.0.0.1:5001")
     assert explicit.resolved_tracking_uri == "http://127.0.0.1:5001"
+
+
+def test_images_wait_with_the_metrics_during_an_outage(dead_uri):
+    import numpy as np
+
+    logger = RunLogger(dead_uri, "run-i", retry_window_s=60)
+    started = time.monotonic()
+    for step in range(5):
+        logger.log_image(np.zeros((4, 4, 3), np.uint8), key="samples", step=step)
+        logger.log_metrics({"loss": 1.0}, step=step)
+    # A training report never waits for the server: its sample grid is kept like its metrics.
+    assert time.monotonic() - started < 10
+    assert logger.pending == 10
