@@ -11,6 +11,35 @@ from torch import nn
 STATE_FILE = "state.pt"
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable ganpipe checkpoint; the message names it."""
+
+
+def _read(directory: str | Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """The state dict in ``directory``, which must hold the ``required`` keys. Loaded with
+    ``weights_only=True``: a pickle that would run code or build foreign objects is refused,
+    never executed."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or corrupt files
+        from gan.metrics.inception import _load_error_detail  # only the reason, not the advice
+
+        raise CheckpointError(
+            f"{path}: not a ganpipe checkpoint; torch.load(weights_only=True) refused it "
+            f"({_load_error_detail(exc)})"
+        ) from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a ganpipe checkpoint (no {', '.join(missing)}); it holds "
+            f"{type(state).__name__}"
+        )
+    return state
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel and ``torch.compile`` wrappers, in any order
     (or the module itself)."""
@@ -84,7 +113,7 @@ def load_state(
     """Restore everything ``save_state`` wrote; return the step to continue from. An object of
     ``extras`` that the checkpoint has no state for keeps its own (e.g. a run that turned
     adaptive augmentation on when resumed)."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _read(directory, ("step", "generator", "discriminator"))
     unwrap(generator).load_state_dict(state["generator"])
     unwrap(discriminator).load_state_dict(state["discriminator"])
     opt_g.load_state_dict(state["opt_g"])
@@ -104,12 +133,23 @@ def load_state(
 
 def load_worker_rng(directory: str | Path, rank: int, world_size: int) -> torch.Tensor | None:
     """Worker ``rank``'s generator state, if the checkpoint was written by as many workers."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _read(directory, ())
     worker_rngs = state.get("worker_rngs", [])
     return worker_rngs[rank] if len(worker_rngs) == world_size else None
 
 
 def load_generator_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The generator weights to evaluate and serve: the EMA generator's when there is one."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state.get("generator_ema", state["generator"])
+    state = _read(directory, ("generator",))
+    weights = state.get("generator_ema", state["generator"])
+    broken = [
+        k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if broken:
+        # A diverged generator is never evaluated, registered or served.
+        raise CheckpointError(
+            f"{Path(directory) / STATE_FILE}: the generator holds NaN or infinite weights "
+            f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); training diverged "
+            "(train.nan_rollbacks rolls back such a run)"
+        )
+    return weights
