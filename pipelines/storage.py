@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.config import Config, ConfigError, is_s3_uri
+from pipelines.config import Config, ConfigError
 
 S3 = "s3://"
 COMPLETE = "_COMPLETE.json"  # written last into a published prefix: its files and their sizes
@@ -44,7 +44,7 @@ class StorageError(ConfigError):
 
 
 def is_remote(uri: str | Path) -> bool:
-    return is_s3_uri(str(uri))
+    return str(uri).startswith(S3)
 
 
 def join(uri: str | Path, *parts: str) -> str:
