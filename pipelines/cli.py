@@ -78,13 +78,17 @@ def _run_dag(args: argparse.Namespace, dag, *, tune: bool) -> int:  # noqa: ANN0
             config = _resumed_config(config, args)
         if tune:
             validate_population(config)
+        elif not os.environ.get("RAY_ADDRESS"):  # tune advertises what its population needs
+            from pipelines.runner import check_local_resources
+
+            check_local_resources(config)
     except ConfigError as exc:
         return _fail(f"config: {exc}", 2)
-    from pipelines.storage import check_writable
+    from pipelines.storage import StorageError, check_storage
 
-    try:
-        check_writable(config.workdir)
-    except PermissionError as exc:
+    try:  # a local folder writable, S3 buckets there and open to this machine's credentials
+        check_storage(config)
+    except (PermissionError, StorageError) as exc:
         return _fail(str(exc), 2)
 
     from pipelines.runner import StepFailed, init_ray, run_pipeline

@@ -180,6 +180,19 @@ class TrainConfig:
     freeze_g_stats_in_d_phase: bool = doc(
         "G's batch-norm running statistics are not updated by the fakes made for D", False
     )
+    max_failures: int = doc(
+        "restarts of the worker group after a worker dies, each from the latest checkpoint "
+        "(Ray Train's FailureConfig; -1: no limit)",
+        2,
+    )
+    nan_rollbacks: int = doc(
+        "rollbacks to the last checkpoint when a loss or weight stops being finite (checked "
+        "every report_every steps); the next divergence ends training with an error",
+        3,
+    )
+    rollback_lr_factor: float = doc(
+        "both learning rates are multiplied by this at every rollback, in (0, 1]", 0.5
+    )
 
 
 @dataclass
@@ -267,9 +280,34 @@ class RegisterConfig:
 
 
 @dataclass
+class StorageConfig:
+    s3_endpoint_url: str = doc(
+        "endpoint of an S3-compatible store (MinIO, Ceph, moto: http://host:port) for every "
+        "s3:// URI, boto3, pyarrow and MLflow alike; empty: $AWS_ENDPOINT_URL_S3, "
+        "$AWS_ENDPOINT_URL, else AWS. Credentials and region always come from the AWS chain "
+        "(environment, ~/.aws, instance role), never from the config",
+        "",
+    )
+    artifact_uri: str = doc(
+        "where new MLflow experiments keep their artifacts (models, grids, checkpoints): a "
+        "path or s3://bucket/prefix; empty: <workdir>/mlartifacts without a tracking server, "
+        "the server's choice with one. Read when the experiment is created",
+        "",
+    )
+    local_dir: str = doc(
+        "local folder of a workdir on S3: step outputs are staged here before upload, inputs "
+        "cached, and the embedded MLflow store (mlflow.db) kept; empty: "
+        "~/.cache/ganpipe/<bucket>/<prefix>",
+        "",
+    )
+
+
+@dataclass
 class Config:
     workdir: str = doc(
-        "folder for the embedded MLflow store, step outputs and checkpoints", "ganpipe-runs"
+        "folder or s3://bucket/prefix for step outputs (prepared shards, checkpoints), and "
+        "locally for the embedded MLflow store",
+        "ganpipe-runs",
     )
     tracking_uri: str = doc(
         "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else a SQLite store inside workdir", ""
@@ -286,6 +324,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tune: PopulationConfig = field(default_factory=PopulationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,7 +340,77 @@ class Config:
             return self.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+        return f"sqlite:///{self.resolved_local_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_local_dir(self) -> Path:
+        """The local folder: the workdir itself, or for a workdir on S3 ``storage.local_dir``
+        (else a folder per bucket and prefix under ~/.cache/ganpipe)."""
+        if not is_s3_uri(self.workdir):
+            return Path(self.workdir.removeprefix("file://")).resolve()
+        if self.storage.local_dir:
+            return Path(self.storage.local_dir).expanduser().resolve()
+        return Path.home() / ".cache" / "ganpipe" / self.workdir[len("s3://") :].strip("/")
+
+    @property
+    def resolved_artifact_uri(self) -> str | None:
+        """The artifact location of a new experiment; None: the tracking server decides."""
+        if self.storage.artifact_uri:
+            return self.storage.artifact_uri
+        uri = self.resolved_tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return None
+        if is_s3_uri(self.workdir):
+            return self.workdir.rstrip("/") + "/mlartifacts"
+        return (self.resolved_local_dir / "mlartifacts").as_uri()
+
+
+def is_s3_uri(text: str) -> bool:
+    return text.startswith("s3://")
+
+
+def _check_location(key: str, value: str) -> None:
+    """A path, file:// or s3://bucket[/prefix] URI; credentials inside it are refused."""
+    if "://" not in value or value.startswith("file://"):
+        return
+    _require(
+        is_s3_uri(value),
+        f"{key}={value!r}: unsupported scheme; use a path, file://PATH or s3://BUCKET/PREFIX",
+    )
+    bucket = value[len("s3://") :].split("/", 1)[0]
+    _require(
+        "@" not in bucket and ":" not in bucket,
+        f"{key}: credentials do not belong in a URI (it is logged); give them through the AWS "
+        "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)",
+    )
+    _require(
+        re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) is not None,
+        f"{key}={value!r}: {bucket!r} is not an S3 bucket name (3-63 lower-case letters, "
+        "digits, '.', '-'); expected s3://BUCKET/PREFIX",
+    )
+
+
+def _validate_storage(c: Config) -> None:
+    s = c.storage
+    _check_location("workdir", c.workdir)
+    _check_location("storage.artifact_uri", s.artifact_uri)
+    _check_location("data.source", c.data.source)
+    if s.s3_endpoint_url:
+        match = re.fullmatch(r"https?://([^/@]+)/?", s.s3_endpoint_url)
+        _require(
+            "@" not in s.s3_endpoint_url,
+            "storage.s3_endpoint_url: credentials do not belong in a URL (it is logged); give "
+            "them through the AWS environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE or an instance role)",
+        )
+        _require(
+            match is not None,
+            f"storage.s3_endpoint_url={s.s3_endpoint_url!r}: expected http(s)://HOST[:PORT]",
+        )
+    _require(
+        not s.local_dir or "://" not in s.local_dir,
+        f"storage.local_dir={s.local_dir!r} must be a local folder",
+    )
 
 
 def _flatten(d: dict[str, Any], prefix: str = ""):
@@ -336,6 +445,7 @@ _SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "register": RegisterConfig,
     "tune": PopulationConfig,
+    "storage": StorageConfig,
 }
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -506,6 +616,12 @@ def validate(c: Config) -> None:
     _require(t.threads_per_worker >= 1, "train.threads_per_worker must be >= 1")
     _require(t.report_every >= 1, "train.report_every must be >= 1")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
+    _require(t.max_failures >= -1, f"train.max_failures must be >= -1, got {t.max_failures}")
+    _require(t.nan_rollbacks >= 0, f"train.nan_rollbacks must be >= 0, got {t.nan_rollbacks}")
+    _require(
+        0 < t.rollback_lr_factor <= 1,
+        f"train.rollback_lr_factor must be in (0, 1], got {t.rollback_lr_factor}",
+    )
     _require(
         t.eval_every >= 0 and t.eval_every % t.report_every == 0,
         f"train.eval_every ({t.eval_every}) must be 0 (off) or a multiple of train.report_every "
@@ -543,12 +659,14 @@ def validate(c: Config) -> None:
     _validate_population(c)
     _require(bool(c.workdir), "workdir must not be empty")
     _require(bool(c.experiment), "experiment must not be empty")
+    _validate_storage(c)
     _require(
         c.data.on_bad in ON_BAD,
         f"data.on_bad: unknown {c.data.on_bad!r}; allowed: {', '.join(ON_BAD)}",
     )
     try:
-        detect_format(c.data.source)
+        if not is_s3_uri(c.data.source):  # on S3: checked at startup (storage.check_storage)
+            detect_format(c.data.source)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 

@@ -5,6 +5,8 @@
   outputs are reused and its step run says ``cached``.
 - Atomic outputs: a step writes into ``<workdir>/outputs/<step>/<fingerprint>``; the runner
   writes the completion marker there last, so a half-written output is never taken as finished.
+  With a workdir on S3 the step writes into a local staging folder that its process uploads
+  (objects, then their manifest) before the runner writes the marker.
   An unfinished folder is handed to the next attempt as it is: training resumes from the Ray
   Train checkpoints inside it.
 - Parallel: every step whose inputs are ready is submitted at once, with its own resources.
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
 from pipelines.config import Config, config_from_dict
 from pipelines.dag import Dag, Step, StepContext
-from pipelines.storage import write_json_atomic
+from pipelines.divergence import fault_variables
 from pipelines.tracking import (
     RunLogger,
     find_finished_step_runs,
@@ -78,6 +81,41 @@ class PipelineResult:
         return {name: s.duration for name, s in self.steps.items()}
 
 
+def embedded_cpus() -> int:
+    """The CPUs the embedded Ray advertises: the machine's cores and one more (see init_ray)."""
+    return (os.cpu_count() or 1) + 1
+
+
+def check_local_resources(config: Config, cpus: int | None = None, gpus: int | None = None) -> None:
+    """Refuse, before Ray starts, a training the embedded Ray could never place: Ray Train
+    would wait for the missing CPUs or GPUs without end. (A cluster, RAY_ADDRESS, may grow:
+    Ray Train says there what it waits for.)"""
+    from pipelines.config import ConfigError
+
+    t = config.train
+    cpus = embedded_cpus() if cpus is None else cpus
+    need = t.workers * t.threads_per_worker
+    if need > cpus:
+        raise ConfigError(
+            f"train.workers ({t.workers}) x train.threads_per_worker ({t.threads_per_worker}) "
+            f"needs {need} CPUs; this machine's Ray has {cpus} ({cpus - 1} cores + 1): lower "
+            "train.workers or train.threads_per_worker, or run on a cluster (ganpipe submit)"
+        )
+    if t.use_gpu:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if t.workers > gpus:
+            raise ConfigError(
+                f"train.use_gpu=true with train.workers={t.workers} needs {t.workers} GPUs; this "
+                f"machine has {gpus}: set train.workers={gpus} or train.use_gpu=false"
+                if gpus
+                else "train.use_gpu=true but this machine has no CUDA GPU: set "
+                "train.use_gpu=false, or run on a cluster with GPUs (ganpipe submit)"
+            )
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) a local Ray instance unless one is connected.
 
@@ -91,7 +129,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if num_cpus is None and not address:
-        num_cpus = (os.cpu_count() or 1) + 1
+        num_cpus = embedded_cpus()
     ray.init(
         address=address,
         num_cpus=None if address else num_cpus,
@@ -102,15 +140,40 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def output_dir(config: Config, step: str, fingerprint: str) -> Path:
-    return Path(config.workdir).resolve() / "outputs" / step / fingerprint[:20]
+    """The local folder a step writes into: its output folder, or with a workdir on S3 its
+    staging folder (uploaded to ``output_uri`` when the step returns)."""
+    staging = ("staging",) if storage.is_remote(config.workdir) else ()
+    return config.resolved_local_dir.joinpath(*staging, "outputs", step, fingerprint[:20])
 
 
-def _finished_outputs(directory: Path, fingerprint: str) -> dict[str, Any] | None:
-    marker = directory / DONE_MARKER
-    if not marker.is_file():
+def output_uri(config: Config, step: str, fingerprint: str) -> str:
+    """Where a step's outputs live: ``<workdir>/outputs/<step>/<fingerprint>``."""
+    if storage.is_remote(config.workdir):
+        return storage.join(config.workdir, "outputs", step, fingerprint[:20])
+    return str(output_dir(config, step, fingerprint))
+
+
+def _finished_outputs(config: Config, uri: str, fingerprint: str) -> dict[str, Any] | None:
+    marker = storage.join(uri, DONE_MARKER)
+    if not storage.exists(marker, config):
         return None
-    record = json.loads(marker.read_text())
+    if storage.is_remote(uri) and not storage.is_complete(uri, config):
+        return None  # objects missing or cut short since: not an output to reuse
+    record = storage.read_json(marker, config)
     return record["outputs"] if record.get("fingerprint") == fingerprint else None
+
+
+def _publish(config: Config, ctx: StepContext, outputs: dict[str, Any]) -> dict[str, Any]:
+    """Upload a step's staged folder to its S3 prefix; its outputs then name the objects."""
+    storage.publish_dir(ctx.output_dir, ctx.output_uri, config)
+    staged = str(ctx.output_dir)
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and (value == staged or value.startswith(staged + "/")):
+            return ctx.output_uri + value[len(staged) :]
+        return value
+
+    return {name: moved(value) for name, value in outputs.items()}
 
 
 def _execute(
@@ -118,22 +181,28 @@ def _execute(
     config_dict: dict,
     logger: RunLogger,
     directory: str,
+    uri: str,
     run_id: str,
     attempt: int,
     inputs: dict[str, Any],
 ) -> dict[str, Any]:
     """Runs inside the step's Ray task."""
     config = config_from_dict(config_dict)
-    ctx = StepContext(step.name, config, logger, Path(directory), run_id, attempt)
+    storage.configure_mlflow(config)
+    ctx = StepContext(step.name, config, logger, Path(directory), run_id, attempt, uri)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         outputs = step.fn(ctx, **inputs)
+        if storage.is_remote(uri):
+            outputs = _publish(config, ctx, outputs)
         logger.flush()  # metrics this process buffered while the tracking server was away
     except Exception as exc:
         # The traceback goes to MLflow; a plain, picklable exception travels back to the driver.
-        logger.log_dict({"traceback": traceback.format_exc()}, f"error-attempt{attempt}.json")
+        text = storage.redact(traceback.format_exc())
+        logger.log_dict({"traceback": text}, f"error-attempt{attempt}.json")
         retryable = bool(step.retry_on) and isinstance(exc, step.retry_on)
-        raise StepFailed(step.name, f"{type(exc).__name__}: {exc}", retryable) from None
+        message = storage.redact(f"{type(exc).__name__}: {exc}")
+        raise StepFailed(step.name, message, retryable) from None
     missing = set(step.outputs) - set(outputs)
     if missing:
         raise StepFailed(step.name, f"did not produce outputs {sorted(missing)}")
@@ -168,6 +237,9 @@ def run_pipeline(
 
     for name in force:
         dag.step(name)  # raises KeyError naming the steps
+    # A missing bucket or refused credentials: one clear error now, not a failed step later.
+    storage.check_storage(config)
+    storage.configure_mlflow(config)
     init_ray()
     if resume_run_id:
         parent = reopen_run(config, resume_run_id)
@@ -185,7 +257,8 @@ def run_pipeline(
     # State API, which gives up when a machine runs two Ray instances unless RAY_ADDRESS names
     # one; a leaked placement group then starves every later worker group.
     gcs_address = os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
-    step_environment = {"env_vars": {"RAY_ADDRESS": gcs_address}}
+    # Test-only fault injection (pipelines/divergence.py) reaches the steps' Ray Train workers.
+    step_environment = {"env_vars": {"RAY_ADDRESS": gcs_address, **fault_variables()}}
     running: dict[Any, tuple[Step, RunLogger, int, float]] = {}
 
     def record(name: str, outcome: StepOutcome) -> None:
@@ -208,7 +281,7 @@ def run_pipeline(
             runtime_env=step_environment,
         ).remote(
             step, config.to_dict(), logger, str(output_dir(config, step.name, fp)),
-            parent.run_id, attempt, inputs,
+            output_uri(config, step.name, fp), parent.run_id, attempt, inputs,
         )  # fmt: skip
         running[ref] = (step, logger, attempt, time.time())
 
@@ -216,7 +289,7 @@ def run_pipeline(
         fp = fingerprints[step.name]
         if not use_cache or step.name in rerun:
             return False
-        outputs = _finished_outputs(output_dir(config, step.name, fp), fp)
+        outputs = _finished_outputs(config, output_uri(config, step.name, fp), fp)
         previous = find_finished_step_runs(parent, step.name, fp) if outputs is not None else []
         if not previous:
             return False
@@ -231,15 +304,16 @@ def run_pipeline(
 
     def finish(step: Step, logger: RunLogger, attempt: int, started: float, outputs: dict) -> None:
         fp = fingerprints[step.name]
-        directory = output_dir(config, step.name, fp)
-        write_json_atomic(  # last: its presence means the outputs are complete
-            directory / DONE_MARKER,
+        directory = output_uri(config, step.name, fp)
+        storage.write_json(  # last: its presence means the outputs are complete
+            storage.join(directory, DONE_MARKER),
             {"step": step.name, "fingerprint": fp, "outputs": outputs, "run_id": logger.run_id},
+            config,
         )
         outcome = StepOutcome("ran", logger.run_id, outputs, started, time.time(), attempt)
         record(step.name, outcome)
         logger.log_metrics({"duration_s": outcome.duration})
-        logger.set_tags({"ganpipe.attempts": attempt, "ganpipe.output_dir": str(directory)})
+        logger.set_tags({"ganpipe.attempts": attempt, "ganpipe.output_dir": directory})
         if attempt > 1:
             logger.set_tags({"ganpipe.retried": "true"})
         logger.log_dict(outputs, "outputs.json")

@@ -136,16 +136,16 @@ def client_for(config: Config) -> MlflowClient:
 
 
 def ensure_experiment(config: Config) -> str:
-    """The experiment's id, created on first use; without a server its artifacts go under the
-    workdir (a server decides where its artifacts go)."""
+    """The experiment's id, created on first use. Its artifacts go to ``storage.artifact_uri``
+    (a path or s3://…), else under the workdir; with a tracking server and no
+    ``storage.artifact_uri`` the server decides."""
     client = client_for(config)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if not _is_http(config.resolved_tracking_uri):
-        location = (Path(config.workdir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(config.experiment, artifact_location=location)
+    return client.create_experiment(
+        config.experiment, artifact_location=config.resolved_artifact_uri
+    )
 
 
 @dataclass
@@ -211,6 +211,7 @@ class RunLogger:
 
     def _reset_process_state(self) -> None:
         self._pending: list[Metric] = []
+        self._pending_images: list[tuple[Any, str, int, int]] = []  # image, key, step, time
         self._lock = threading.RLock()
         self._client: MlflowClient | None = None
 
@@ -232,8 +233,8 @@ class RunLogger:
 
     @property
     def pending(self) -> int:
-        """Metric values logged but not yet delivered."""
-        return len(self._pending)
+        """Metric values and images logged but not yet delivered."""
+        return len(self._pending) + len(self._pending_images)
 
     # -- the outage bookkeeping ------------------------------------------------------------
 
@@ -334,10 +335,47 @@ class RunLogger:
                 )
             self._pending.extend(entries)
             self._deliver(wait=False)
+            self._deliver_images(wait=False)  # images held back by an outage go out too
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """Log ``image`` (PIL or array) as image ``key`` of ``step`` (the UI's image slider).
+        Like metrics it waits in memory while the server is away, so that a training report
+        never waits for the server; ``flush`` delivers it."""
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._pending_images.append((image, key, step, now))
+            self._deliver_images(wait=False)
+
+    def _deliver_images(self, wait: bool) -> None:
+        with self._lock:
+            while self._pending_images:
+                outage = self._outage()
+                if outage is not None and time.monotonic() < outage.next_attempt:
+                    if not wait:
+                        return
+                    time.sleep(outage.next_attempt - time.monotonic())
+                image, key, step, timestamp = self._pending_images[0]
+                try:
+                    self.client.log_image(
+                        self.run_id, image, key=key, step=step, timestamp=timestamp,
+                        synchronous=True,
+                    )  # fmt: skip
+                except Exception as exc:
+                    if not is_server_unreachable(exc):
+                        del self._pending_images[0]
+                        raise
+                    self._record_failure(exc)
+                    if not wait:
+                        return
+                    continue
+                del self._pending_images[0]
+                self._record_success()
 
     def flush(self) -> None:
-        """Deliver every buffered metric, waiting for the server up to the retry window."""
+        """Deliver every buffered metric and image, waiting for the server up to the retry
+        window."""
         self._deliver(wait=True)
+        self._deliver_images(wait=True)
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(k, str(v)) for k, v in params.items()]

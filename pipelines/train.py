@@ -29,14 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
 from gan.monitor import DistanceProbe
-from gan.state import save_state
+from pipelines import storage
 from pipelines.config import Config, config_from_dict
+from pipelines.divergence import DivergenceGuard, NanInjector, TrainingDiverged
 from pipelines.images import grid_image
 from pipelines.loop import TrainingState
 from pipelines.seeds import PROBE_SEED
 
 # Written beside every checkpoint's state: which run wrote it, at which step (PBT lineage).
 CHECKPOINT_OWNER = "owner.json"
+# The last report of a run that gave up after train.nan_rollbacks rollbacks carries the reason.
+DIVERGED = "diverged"
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
 
@@ -71,15 +74,21 @@ def _probe(
     from pipelines.steps.features import load_classifier
 
     probe = loop_config["probe"]
-    holdout = concat([read_shard(p, shape) for p in probe["holdout"]]).images
+    holdout = concat([_read_shard(p, shape, config) for p in probe["holdout"]]).images
     seeds = list(range(PROBE_SEED, PROBE_SEED + config.train.eval_samples))
     return DistanceProbe(
-        load_classifier(probe["classifier"]),
+        load_classifier(storage.localize(probe["classifier"], config)),
         to_model_range(holdout),
         seeds,
         config.model.latent_dim,
         num_classes,
     )
+
+
+def _read_shard(uri: str, shape: tuple[int, ...], config: Config) -> Any:
+    """One shard, read in place (a local file, or streamed from S3 through pyarrow)."""
+    fs, path = storage.filesystem(uri, config)
+    return read_shard(path, shape, filesystem=fs)
 
 
 def _png_base64(samples: torch.Tensor) -> str:
@@ -136,18 +145,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shape = tuple(loop_config["shape"])
     own_shards = loop_config["shards"][rank::world]
-    own = concat([read_shard(p, shape) for p in own_shards])
+    # Each worker reads only its own shards, straight from where they are (S3 included).
+    own = concat([_read_shard(p, shape, config) for p in own_shards])
     data, labels = to_model_range(own.images), torch.from_numpy(own.labels)
     local_batch = t.batch_size // world
     state = TrainingState(
         config, channels=shape[0], device=device, rank=rank, num_classes=loop_config["num_classes"]
     )
 
+    guard = DivergenceGuard(
+        state,
+        max_rollbacks=t.nan_rollbacks,
+        lr_factor=t.rollback_lr_factor,
+        rank=rank,
+        world=world,
+    )
     start, restored = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # this run's own checkpoint: a restart after a failure
         with checkpoint.as_directory() as directory:
             start = state.restore(directory, rank, world)
+            guard.load_from_checkpoint(directory)
         if rank == 0:
             print(f"[train] resuming from the checkpoint of step {start}", flush=True)
     elif loop_config.get("restore_from"):  # another run's checkpoint: a PBT exploit
@@ -172,6 +190,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         """Adds the evaluation distance when due, and a checkpoint when due."""
         metrics.update(restored)
         restored.clear()
+        if guard.rollbacks:
+            metrics["rollbacks"] = guard.rollbacks
         if probe_due(done):
             distance = 0.0
             if probe is not None:
@@ -184,9 +204,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         worker_rngs = _gather(state.rng.get_state(), world)
+        # Every worker keeps this healthy state locally: a divergence rolls back to it.
+        guard.snapshot(done, worker_rngs)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_state(tmp, step=done, worker_rngs=worker_rngs, **state.checkpoint_parts())
+                guard.copy_snapshot(tmp)
                 owner = {"owner": loop_config.get("owner", ""), "step": done}
                 (Path(tmp) / CHECKPOINT_OWNER).write_text(json.dumps(owner))
             ray.train.report(
@@ -201,18 +223,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if restored and start >= t.steps:  # another run's final state: report it as this run's
         report(start, {"step": start, **state.rates()})
+        guard.close()
         return
 
+    guard.snapshot(start, _gather(state.rng.get_state(), world))
+    inject_nan = NanInjector()  # test-only fault (GANPIPE_FAULT_NAN_STEP), off by default
     loss = config.loss
     # Summed on the device and read once per report: a .cpu() per step would make the host
     # wait for every GPU step to finish before queueing the next one.
     sums = torch.zeros(10, device=device)
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start, t.steps):
+    next_step = start
+    while next_step < t.steps:
+        step, next_step = next_step, next_step + 1
         index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
         real, real_labels = state.to_device(data[index], labels[index])
         stats = state.step(real, step, generator, discriminator, real_labels)
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
+        inject_nan.after_step(step, state)
         figures = [
             stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
             stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,
@@ -223,6 +251,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done % t.report_every and done != t.steps:
             continue
         means = _mean_across_workers(sums / window_steps).cpu()
+        if not guard.healthy(means, _mean_across_workers):
+            sums.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+            try:
+                next_step = guard.roll_back(done)
+            except TrainingDiverged as exc:
+                # Returned, not raised: Ray Train would retry a raised error from the last
+                # checkpoint, which diverges again. The driver raises it (run_training).
+                ray.train.report({"step": done, DIVERGED: str(exc)})
+                guard.close()
+                return
+            if rank == 0:
+                print(
+                    f"[train] non-finite loss or weights at step {done}: rolled back to step "
+                    f"{next_step}, learning rates x{t.rollback_lr_factor:g} (rollback "
+                    f"{guard.rollbacks} of {t.nan_rollbacks})",
+                    flush=True,
+                )
+            continue
         elapsed = time.perf_counter() - window_start
         augment, ada = state.augment, state.ada
         metrics = {
@@ -245,6 +292,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(done, metrics)
         sums.zero_()
         window_start, window_steps = time.perf_counter(), 0
+    guard.close()
+
+
+class CheckpointWriteError(RuntimeError):
+    """The checkpoint store refused a write (full, read-only, no permission). Not an OSError:
+    the train step's retry would meet the same store."""
+
+
+# How an OSError of the checkpoint store reads once Ray has wrapped it (errno names as text).
+_STORAGE_REFUSALS = (
+    "No space left on device",
+    "Read-only file system",
+    "Disk quota exceeded",
+    "Permission denied",
+)
+
+
+def _storage_refusal(error: BaseException) -> str | None:
+    """The store's refusal behind a failed training run, if that is what stopped it: Ray Train
+    hands a worker's OSError back wrapped, its text inside."""
+    text = str(error)
+    return next((reason for reason in _STORAGE_REFUSALS if reason in text), None)
 
 
 @dataclass
@@ -265,6 +334,7 @@ def run_training(
     restore_from: str | None = None,
     owner: str = "",
     num_classes: int = 0,
+    already_reported: int = 0,
 ) -> TrainingResult:
     """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint.
 
@@ -278,11 +348,21 @@ def run_training(
     checkpoint (``owner.json``) so that a run restored from it knows whose state it took.
     ``num_classes`` (the dataset's) makes G and D class-conditional when ``model.conditional``.
 
+    ``storage_path`` is a folder or an ``s3://`` prefix (Ray Train then writes checkpoints
+    there through pyarrow's S3 file system; the returned checkpoint path is an ``s3://`` URI).
     A run with the same ``storage_path`` and ``name`` as an interrupted one continues from its
     latest checkpoint: Ray Train restores its checkpoint list from storage and the workers load
     ``ray.train.get_checkpoint()``.
+
+    Faults: a worker that dies restarts the worker group from the latest checkpoint, up to
+    ``train.max_failures`` times. A non-finite loss or weight rolls back to the last checkpoint
+    with lower learning rates (``pipelines/divergence.py``); past ``train.nan_rollbacks`` this
+    raises TrainingDiverged. Either way the workers report again the steps between that
+    checkpoint and where they were: ``on_report`` sees every step once, the first time it was
+    reported (MLflow cannot replace a logged value, and a worker restart reproduces the same
+    values anyway); so do steps up to ``already_reported`` (an earlier attempt logged them).
     """
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
@@ -292,9 +372,15 @@ def run_training(
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
-            reports.put((metrics[0], checkpoint.path if checkpoint is not None else None))
+            path = storage.to_uri(checkpoint.filesystem, checkpoint.path) if checkpoint else None
+            reports.put((metrics[0], path))
 
     t = config.train
+    # On S3, Ray Train gets the file system itself (endpoint from the config, credentials from
+    # each node's AWS chain) and the path without its scheme.
+    storage_fs, storage_fs_path = None, str(Path(storage_path).resolve())
+    if storage.is_remote(storage_path):
+        storage_fs, storage_fs_path = storage.filesystem(storage_path, config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -314,8 +400,10 @@ def run_training(
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage_fs_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=[ForwardReports()],
             # Our own progress line per report replaces Ray Train's per-report INFO dump.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -332,21 +420,38 @@ def run_training(
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     history: list[dict[str, Any]] = []
+    last_step, diverged, last_checkpoint = already_reported, None, None
     while thread.is_alive() or not reports.empty():
         try:
             metrics, checkpoint_path = reports.get(timeout=0.5)
         except Exception:  # queue.Empty from the Ray queue actor
             continue
+        if DIVERGED in metrics:
+            diverged = metrics[DIVERGED]
+            continue
+        if metrics["step"] <= last_step:  # re-reported after a restart or a rollback
+            continue
+        last_step = metrics["step"]
+        last_checkpoint = checkpoint_path or last_checkpoint
         history.append(metrics)
         if on_report is not None:
             on_report(metrics, checkpoint_path)
     thread.join()
     reports.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
+    if diverged is not None:
+        raise TrainingDiverged(diverged)
+    error = outcome.get("error") or outcome["result"].error
+    if error is not None:
+        reason = _storage_refusal(error)
+        if reason:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {storage_path} ({reason}); free space there or "
+                "make it writable, then run the same command again: training continues from "
+                f"the last complete checkpoint ({last_checkpoint or 'none yet: from step 0'})"
+            ) from error
+        raise error
     result = outcome["result"]
-    if result.error is not None:
-        raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return TrainingResult(checkpoint_path=result.checkpoint.path, history=history)
+    final = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
+    return TrainingResult(checkpoint_path=final, history=history)

@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from gan.data import ImageSet, detect_format, read_source
 from gan.data.shards import content_digest, split_shards, to_table
 from pipelines.dag import StepContext
-from pipelines.storage import atomic_dir, write_json_atomic
+from pipelines.storage import atomic_dir, is_remote, localize, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "ganpipe-shards/1"
@@ -35,9 +35,34 @@ def _write_split(directory: Path, split: str, parts: list[ImageSet]) -> list[dic
     return files
 
 
+def _check_classes(source: str, labels: np.ndarray) -> None:
+    """Labels must name classes 0..K-1, each with two images at least (one to train on, one
+    held out): a gap would be a class the generator is asked for and never saw."""
+    fix = "relabel the classes 0..K-1 (or leave the rare ones out)"
+    top = int(labels.max())
+    if top >= len(labels):  # checked before bincount, which would allocate top + 1 counters
+        raise ValueError(
+            f"data.source {source!r}: label {top} with only {len(labels)} images: labels must "
+            f"be class numbers 0..K-1 with every class present; {fix}"
+        )
+    counts = np.bincount(labels, minlength=top + 1)
+    for problem, found in (
+        ("have no images", np.flatnonzero(counts == 0)),
+        ("have one image only (2 needed: one to train on, one held out)",
+         np.flatnonzero(counts == 1)),
+    ):  # fmt: skip
+        if found.size:
+            listed = ", ".join(map(str, found[:10])) + (", ..." if found.size > 10 else "")
+            raise ValueError(
+                f"data.source {source!r}: classes {listed} of 0..{top} {problem}; {fix}"
+            )
+
+
 def prepare(ctx: StepContext) -> dict[str, Any]:
     c = ctx.config.data
-    data, skipped = read_source(c.source, c.resolution, on_bad=c.on_bad)
+    # A source on S3 is copied once into the local cache: every reader wants local files.
+    source = str(localize(c.source, ctx.config)) if is_remote(c.source) else c.source
+    data, skipped = read_source(source, c.resolution, on_bad=c.on_bad)
     if skipped:
         ctx.log(f"skipped {len(skipped)} bad file(s) (data.on_bad=skip): see skipped_files.json")
         ctx.logger.log_dict(skipped, "skipped_files.json")
@@ -46,6 +71,7 @@ def prepare(ctx: StepContext) -> dict[str, Any]:
         raise ValueError(f"data.source {c.source!r} holds {len(data)} images; need at least 4")
     if data.labels.min() < 0:
         raise ValueError(f"data.source {c.source!r}: labels must be >= 0")
+    _check_classes(c.source, data.labels)
     num_classes = int(data.labels.max()) + 1
     train_idx, holdout_idx = train_test_split(
         np.arange(len(data)),
@@ -67,7 +93,7 @@ def prepare(ctx: StepContext) -> dict[str, Any]:
         manifest = {
             "format": FORMAT,
             "source": c.source,
-            "source_format": detect_format(c.source),
+            "source_format": detect_format(source),
             "skipped_files": len(skipped),
             "shape": list(data.shape),
             "num_classes": num_classes,

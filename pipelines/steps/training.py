@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from pipelines import storage
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
 from pipelines.tracking import prepared_datasets
@@ -17,7 +16,8 @@ from pipelines.train import ReportHandler, run_training
 
 
 def split_files(dataset: str, manifest: dict[str, Any], split: str) -> list[str]:
-    return [str(Path(dataset) / f["file"]) for f in manifest["splits"][split]["files"]]
+    """The shard files of ``split``: paths, or s3:// URIs that each worker reads itself."""
+    return [storage.join(dataset, f["file"]) for f in manifest["splits"][split]["files"]]
 
 
 def report_to_mlflow(ctx: StepContext) -> ReportHandler:
@@ -32,9 +32,8 @@ def report_to_mlflow(ctx: StepContext) -> ReportHandler:
         ctx.logger.log_metrics(metrics, step=step)
         if grid is not None:
             image = Image.open(io.BytesIO(base64.b64decode(grid)))
-            ctx.logger.client.log_image(
-                ctx.logger.run_id, image, key="samples", step=step, synchronous=True
-            )
+            # Through the logger: kept while a tracking server is away, so training goes on.
+            ctx.logger.log_image(image, key="samples", step=step)
         eta = (t.steps - step) * t.batch_size / max(metrics["images_per_s"], 1e-9)
         distance = f" distance {metrics['eval_distance']:.2f}" if "eval_distance" in metrics else ""
         ctx.log(
@@ -48,12 +47,16 @@ def report_to_mlflow(ctx: StepContext) -> ReportHandler:
 
 
 def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
-    manifest = json.loads((Path(dataset) / MANIFEST).read_text())
+    manifest = storage.read_json(storage.join(dataset, MANIFEST), ctx.config)
     t = ctx.config.train
     # The data this run learns from (training) and is measured against (evaluation).
     ctx.logger.log_datasets(prepared_datasets(dataset, manifest))
 
     ctx.log(f"{t.workers} workers x {t.batch_size // t.workers} images, {t.steps} steps")
+    logged = 0
+    if ctx.attempt > 1:  # the earlier attempt logged into this run: log each step only once
+        history = ctx.logger.client.get_metric_history(ctx.logger.run_id, "loss_d")
+        logged = max((int(m.step) for m in history), default=0)
     # CPU, memory (and GPU) of this machine while training runs; stopped however it ends.
     with ctx.logger.system_metrics(resume=ctx.attempt > 1):
         result = run_training(
@@ -62,13 +65,16 @@ def train(ctx: StepContext, dataset: str, classifier: str) -> dict[str, Any]:
             shape=tuple(manifest["shape"]),
             # Inside the step's content-addressed folder: a rerun of the same training after a
             # crash finds Ray Train's checkpoints there and continues from the latest one.
-            storage_path=str(ctx.output_dir / "ray"),
+            # On S3 when the workdir is: every node sees the checkpoints.
+            storage_path=storage.join(ctx.output_uri, "ray"),
             name="train",
             on_report=report_to_mlflow(ctx),
             probe={"classifier": classifier, "holdout": split_files(dataset, manifest, "holdout")},
             num_classes=manifest["num_classes"],
+            already_reported=logged,
         )
-    ctx.logger.log_artifact(Path(result.checkpoint_path) / "state.pt", "checkpoint")
+    final = storage.localize(result.checkpoint_path, ctx.config)
+    ctx.logger.log_artifact(final / "state.pt", "checkpoint")
     return {
         "checkpoint": result.checkpoint_path,
         "shape": manifest["shape"],
