@@ -237,7 +237,8 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
     p = [m.value for m in client.get_metric_history(result.steps["train"].run_id, "augment_p")]
     assert len(p) == 3 and 0 < p[0] <= p[-1] <= 1
     assert state["extras"]["adaptive_augment"]["p"] == pytest.approx(p[-1])
-    assert set(state["extras"]) == {"adaptive_augment", "lecam"}
+    # ADA's and LeCam's state, and the divergence guard's rollback count.
+    assert set(state["extras"]) == {"adaptive_augment", "lecam", "divergence"}
     for name in ("grad_norm_g", "grad_norm_d", "lecam"):
         history = client.get_metric_history(result.steps["train"].run_id, name)
         assert [m.step for m in history] == [10, 20, 30], name
