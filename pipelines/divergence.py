@@ -11,16 +11,11 @@ divergence ends training with :class:`TrainingDiverged`.
 The count travels in the checkpoint (``extras["divergence"]``), and the lowered rates travel in
 the optimizers' state, so a worker restarted after a crash keeps both.
 
-Test-only fault injection (``FAULT_NAN_STEP_ENV``): when set to a step number, each worker
-writes NaN into one generator weight right after training that step, at most
-``FAULT_NAN_TIMES_ENV`` times (default 1) per worker process. The runner forwards every
-``GANPIPE_FAULT_*`` variable of its environment to the steps' Ray tasks, whose Ray Train workers
-inherit it. Never set it outside tests.
+Its test: a NaN written into a weight by ``pipelines/faults.py``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,36 +27,11 @@ from gan.optim import set_learning_rate
 from gan.state import STATE_FILE, save_state
 from pipelines.loop import TrainingState
 
-FAULT_ENV_PREFIX = "GANPIPE_FAULT_"
-FAULT_NAN_STEP_ENV = "GANPIPE_FAULT_NAN_STEP"
-FAULT_NAN_TIMES_ENV = "GANPIPE_FAULT_NAN_TIMES"
 EXTRAS_KEY = "divergence"  # the guard's entry in a checkpoint's extras
 
 
 class TrainingDiverged(RuntimeError):
     """Training kept diverging after the configured number of rollbacks."""
-
-
-def fault_variables() -> dict[str, str]:
-    """The test-only fault-injection variables set in this process."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
-
-
-class NanInjector:
-    """The test-only fault: NaN in a generator weight after step ``GANPIPE_FAULT_NAN_STEP``."""
-
-    def __init__(self) -> None:
-        raw = os.environ.get(FAULT_NAN_STEP_ENV, "")
-        self.step = int(raw) if raw else None
-        self.remaining = int(os.environ.get(FAULT_NAN_TIMES_ENV, "1") or 1)
-
-    def after_step(self, step: int, state: TrainingState) -> None:
-        """``step`` is the 0-based index of the step just trained."""
-        if self.step is None or step + 1 != self.step or self.remaining <= 0:
-            return
-        self.remaining -= 1
-        with torch.no_grad():
-            next(state.generator.parameters()).view(-1)[0] = float("nan")
 
 
 class DivergenceGuard:

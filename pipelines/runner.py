@@ -27,7 +27,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
 from pipelines.dag import Dag, Step, StepContext
-from pipelines.divergence import fault_variables
+from pipelines.faults import fault_variables
 from pipelines.tracking import (
     RunLogger,
     find_finished_step_runs,
@@ -116,6 +116,18 @@ def check_local_resources(config: Config, cpus: int | None = None, gpus: int | N
             )
 
 
+# Ray Train V2's controller takes at most one report per worker per poll, every 2 s by default,
+# and a worker blocks on its next report until the last one is taken: report windows shorter
+# than the poll throttled training to one report per 2 s (1,580 images/s against 2,400 in the
+# workers, docs/benchmarks.md). Set for the embedded Ray and every step's processes; a value in
+# the environment wins.
+RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def ray_train_environment() -> dict[str, str]:
+    return {name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENVIRONMENT.items()}
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) a local Ray instance unless one is connected.
 
@@ -127,6 +139,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.update(ray_train_environment())  # the embedded Ray's processes inherit it
     address = os.environ.get("RAY_ADDRESS")
     if num_cpus is None and not address:
         num_cpus = embedded_cpus()
@@ -257,8 +270,10 @@ def run_pipeline(
     # State API, which gives up when a machine runs two Ray instances unless RAY_ADDRESS names
     # one; a leaked placement group then starves every later worker group.
     gcs_address = os.environ.get("RAY_ADDRESS") or ray.get_runtime_context().gcs_address
-    # Test-only fault injection (pipelines/divergence.py) reaches the steps' Ray Train workers.
-    step_environment = {"env_vars": {"RAY_ADDRESS": gcs_address, **fault_variables()}}
+    # Test-only fault injection (pipelines/faults.py) reaches the steps' Ray Train workers.
+    step_environment = {
+        "env_vars": {"RAY_ADDRESS": gcs_address, **ray_train_environment(), **fault_variables()}
+    }
     running: dict[Any, tuple[Step, RunLogger, int, float]] = {}
 
     def record(name: str, outcome: StepOutcome) -> None:

@@ -31,7 +31,8 @@ from gan.data.shards import concat, read_shard
 from gan.monitor import DistanceProbe
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
-from pipelines.divergence import DivergenceGuard, NanInjector, TrainingDiverged
+from pipelines.divergence import DivergenceGuard, TrainingDiverged
+from pipelines.faults import CrashInjector, NanInjector
 from pipelines.images import grid_image
 from pipelines.loop import TrainingState
 from pipelines.seeds import PROBE_SEED
@@ -227,7 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
 
     guard.snapshot(start, _gather(state.rng.get_state(), world))
-    inject_nan = NanInjector()  # test-only fault (GANPIPE_FAULT_NAN_STEP), off by default
+    # Test-only faults (pipelines/faults.py), off unless their variables are set.
+    inject_nan, inject_crash = NanInjector(), CrashInjector()
     loss = config.loss
     # Summed on the device and read once per report: a .cpu() per step would make the host
     # wait for every GPU step to finish before queueing the next one.
@@ -241,6 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stats = state.step(real, step, generator, discriminator, real_labels)
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         inject_nan.after_step(step, state)
+        inject_crash.after_step(step)
         figures = [
             stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
             stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,

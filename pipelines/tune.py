@@ -158,6 +158,8 @@ class PopulationResult:
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     exploits: list[Exploit] = field(default_factory=list)
     initial: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Trials that crashed and went on from their own checkpoint (tune.max_failures).
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Lineage:
@@ -171,6 +173,11 @@ class _Lineage:
         self.exploits: list[Exploit] = []
         self.current: dict[str, dict[str, Any]] = {}  # trial -> values in effect
         self.initial: dict[str, dict[str, Any]] = {}
+        self.restarts: list[dict[str, Any]] = []
+
+    def recovered(self, trial_id: str, last_result: dict[str, Any]) -> None:
+        """Tune restarts a crashed trial from its latest checkpoint, that of its last report."""
+        self.restarts.append({"trial": trial_id, "step": int(last_result.get("step", 0))})
 
     def add(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         values = {name: config[name] for name in self.names}
@@ -221,6 +228,11 @@ def run_population(
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
             self.lineage.add(trial.trial_id, trial.config, result)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
+            # A crash (tune.max_failures), not the pause and resume of synchronous PBT, which
+            # also restores a trial from its own checkpoint.
+            self.lineage.recovered(trial.trial_id, trial.last_result or {})
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its run config for Tuner.restore; the live lineage (and the MLflow
@@ -293,4 +305,5 @@ def run_population(
         histories=lineage.histories,
         exploits=lineage.exploits,
         initial=lineage.initial,
+        restarts=lineage.restarts,
     )

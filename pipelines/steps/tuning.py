@@ -115,6 +115,7 @@ def lineage_table(outcome: PopulationResult, short: dict[str, str]) -> dict[str,
             for e in outcome.exploits
         ],
         "trial_ids": {name: trial for trial, name in short.items()},
+        "restarts": [{**r, "trial": short.get(r["trial"], r["trial"])} for r in outcome.restarts],
     }
 
 

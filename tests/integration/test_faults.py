@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
-from pipelines.divergence import FAULT_NAN_STEP_ENV, FAULT_NAN_TIMES_ENV
+from pipelines.faults import FAULT_NAN_STEP_ENV, FAULT_NAN_TIMES_ENV
 
 pytestmark = pytest.mark.integration
 STEPS, REPORT, CHECKPOINT, NAN_AT = 600, 50, 100, 500

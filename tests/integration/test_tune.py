@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
+from pipelines.faults import FAULT_CRASH_MARKER_ENV, FAULT_CRASH_STEP_ENV
 from pipelines.runner import run_pipeline
 from pipelines.steps.default_dag import tune_dag
 from pipelines.train import CHECKPOINT_OWNER, weights_digest
@@ -18,10 +19,15 @@ from pipelines.train import CHECKPOINT_OWNER, weights_digest
 pytestmark = pytest.mark.integration
 
 
+CRASH_AT = 15  # one trial's worker raises after this step, between its checkpoints 10 and 20
+
+
 @pytest.fixture(scope="module")
-def population(smoke_run):
+def population(smoke_run, tmp_path_factory):
     """Two one-worker trials, ranked synchronously at step 20 of 30: the worse one must clone
-    the better one there. Constant rates, so the rate in effect is the mutated value itself."""
+    the better one there. Constant rates, so the rate in effect is the mutated value itself.
+    One trial crashes once at step 15 (a fault injected in its worker, no Ray Train restart
+    within the trial): Tune must restart it from its own step-10 checkpoint."""
     smoke_config, _ = smoke_run
     config = load_config(
         "smoke",
@@ -30,10 +36,15 @@ def population(smoke_run):
             "train.workers=1", "train.eval_every=10", "tune.population=2",
             "tune.perturbation_interval=20", "tune.quantile_fraction=0.5",
             "tune.synchronous=true", "optim.warmup=none", "optim.warmup_steps=0",
-            "optim.decay=none",
+            "optim.decay=none", "train.max_failures=0", "tune.max_failures=1",
         ],
     )  # fmt: skip
-    result = run_pipeline(tune_dag(), config)
+    marker = tmp_path_factory.mktemp("fault") / "crashed"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAULT_CRASH_STEP_ENV, str(CRASH_AT))
+        env.setenv(FAULT_CRASH_MARKER_ENV, str(marker))
+        result = run_pipeline(tune_dag(), config)
+    assert marker.exists(), "the injected crash did not happen"
     client = MlflowClient(config.resolved_tracking_uri)
     tune_run = result.steps["tune"].run_id
     lineage = json.loads(Path(client.download_artifacts(tune_run, "lineage.json")).read_text())
@@ -98,3 +109,19 @@ def test_every_trial_has_a_nested_run_and_the_lineage_is_plotted(population):
     artifacts = {a.path for a in client.list_artifacts(tune_run)}
     assert {"lineage.json", "lineage.png", "checkpoint"} <= artifacts
     assert set(lineage["initial"]) == {"trial_0", "trial_1"}
+
+
+def test_a_crashed_trial_restarts_from_its_own_checkpoint_and_the_population_goes_on(population):
+    config, result, client, lineage = population
+    # Its own step-10 checkpoint, not a clone: recorded as a restart, not as an exploit.
+    assert [r["step"] for r in lineage["restarts"]] == [10]
+    assert lineage["restarts"][0]["trial"] in lineage["trial_ids"]
+    assert all(e["step"] == 20 for e in lineage["exploits"])
+    children = client.search_runs(
+        [client.get_run(result.run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{result.steps['tune'].run_id}'",
+    )
+    assert len(children) == config.tune.population
+    for run in children:  # every trial evaluated at every interval, each step once
+        history = client.get_metric_history(run.info.run_id, "eval_distance")
+        assert [m.step for m in history] == [10, 20, 30], run.info.run_name

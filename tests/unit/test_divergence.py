@@ -9,12 +9,15 @@ import torch
 
 from gan.state import save_state
 from pipelines.config import load_config
-from pipelines.divergence import (
+from pipelines.divergence import DivergenceGuard, TrainingDiverged
+from pipelines.faults import (
+    FAULT_CRASH_MARKER_ENV,
+    FAULT_CRASH_STEP_ENV,
     FAULT_NAN_STEP_ENV,
     FAULT_NAN_TIMES_ENV,
-    DivergenceGuard,
+    CrashInjector,
+    InjectedCrash,
     NanInjector,
-    TrainingDiverged,
 )
 from pipelines.loop import TrainingState
 
@@ -151,3 +154,22 @@ def test_fault_keys_are_validated(override, words):
         load_config(None, [override])
     for word in words:
         assert word in str(info.value)
+
+
+def test_the_injected_crash_happens_once_across_processes(monkeypatch, tmp_path):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(FAULT_CRASH_STEP_ENV, "5")
+    monkeypatch.setenv(FAULT_CRASH_MARKER_ENV, str(marker))
+    first, restarted = CrashInjector(), CrashInjector()  # as two worker processes would
+    first.after_step(3)  # step index 3 is the 4th step: not yet
+    with pytest.raises(InjectedCrash, match="after step 5"):
+        first.after_step(4)
+    assert marker.exists()
+    restarted.after_step(4)  # the marker is there: the restarted worker trains on
+
+
+def test_a_crash_step_without_a_marker_is_refused(monkeypatch):
+    monkeypatch.setenv(FAULT_CRASH_STEP_ENV, "5")
+    monkeypatch.delenv(FAULT_CRASH_MARKER_ENV, raising=False)
+    with pytest.raises(ValueError, match=FAULT_CRASH_MARKER_ENV):
+        CrashInjector()
