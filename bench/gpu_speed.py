@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 import torch._inductor.config as inductor_config
 import torch.distributed as dist
+from harness import bare_step
 
-from gan.losses import get_loss
 from pipelines.config import Config, load_config
 from pipelines.loop import TrainingState, build_models
 
@@ -102,25 +102,13 @@ def _bare(config: Config, data: torch.Tensor, device: torch.device) -> Callable[
     o = config.optim
     opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    d_loss, g_loss = get_loss(config.loss.kind)
     batch, latent = config.train.batch_size, config.model.latent_dim
     rng = torch.Generator().manual_seed(1)
+    noise = torch.Generator(device=device).manual_seed(2)
 
     def step(_: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=rng)
-        real = data[index].to(device)
-        with torch.no_grad():
-            fake = g(torch.randn(batch, latent, device=device))
-        loss = d_loss(d(real), d(fake))
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_d.step()
-        d.requires_grad_(False)
-        loss = g_loss(d(g(torch.randn(batch, latent, device=device))))
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        d.requires_grad_(True)
+        bare_step(g, d, g, d, opt_g, opt_d, data[index].to(device), latent, noise, config.loss.kind)
 
     return step
 

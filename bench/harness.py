@@ -1,0 +1,382 @@
+"""What the training benchmarks share: the machine line, load averages, the digits shards, the
+feature classifier, and the reference training loops that run without Ray.
+
+The reference loops run in ``torch.multiprocessing`` processes (one per rank, gloo, one torch
+thread each) so that 1 and 2 ranks are measured the same way as the Ray Train workers: a fresh
+process per rank, data read from the same Parquet shards, the batch sampled by index.
+
+* ``bare``: a DCGAN step written here with plain torch (same models from
+  ``pipelines.loop.build_models``, same Adam, same non-saturating loss, same DDP arrangement as
+  the pipeline: G and D wrapped separately, no buffer broadcast, fakes for D from the unwrapped G
+  under no_grad, the G phase through the unwrapped D with its parameters frozen).
+* ``state``: ``pipelines.loop.TrainingState.step``, the pipeline's own step (schedules, figures,
+  gradient norms) in the same processes, without Ray: what the pipeline adds inside the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gan.data import ImageSet, read_source
+from gan.data.arrays import to_model_range
+from gan.data.shards import concat, read_shard, split_shards, to_table
+from gan.losses import get_loss
+from pipelines.config import Config, config_from_dict
+from pipelines.loop import TrainingState, build_models
+
+
+def machine() -> str:
+    """CPU model and count, and the versions that matter; benchmarks print it first."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import ray
+
+    return (
+        f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}, "
+        f"python {platform.python_version()}"
+    )
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages: other agents share these cores, so every figure is
+    printed beside the load it was measured under."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f}/{five:.1f}/{fifteen:.1f}"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Dataset:
+    """The default dataset as prepare writes it: train shards, one held-out shard."""
+
+    shards: list[str]
+    holdout: list[str]
+    shape: tuple[int, int, int]
+
+
+def write_dataset(config: Config, directory: str | Path) -> Dataset:
+    """The prepare step's split and shard layout (same stratified split, same shard count)
+    written without the DAG, so a benchmark needs neither MLflow nor the runner."""
+    c = config.data
+    data, _ = read_source(c.source, c.resolution, on_bad=c.on_bad)
+    train_idx, holdout_idx = train_test_split(
+        np.arange(len(data)),
+        test_size=c.holdout_fraction,
+        random_state=c.seed,
+        stratify=data.labels,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    train = ImageSet(data.images[train_idx], data.labels[train_idx])
+    shards = []
+    for i, part in enumerate(split_shards(train, c.shards)):
+        shards.append(str(directory / f"train-{i:05d}-of-{c.shards:05d}.parquet"))
+        pq.write_table(to_table(part), shards[-1])
+    holdout = str(directory / "holdout-00000-of-00001.parquet")
+    pq.write_table(to_table(ImageSet(data.images[holdout_idx], data.labels[holdout_idx])), holdout)
+    return Dataset(shards, [holdout], tuple(data.shape))
+
+
+def write_classifier(config: Config, dataset: Dataset, directory: str | Path) -> str:
+    """The fit_features step's classifier (same spec and files), for runs with the probe on."""
+    from gan.metrics import train_classifier
+    from pipelines.steps.features import SPEC, WEIGHTS
+
+    train = concat([read_shard(p, dataset.shape) for p in dataset.shards])
+    spec = {
+        "in_channels": dataset.shape[0],
+        "resolution": dataset.shape[1],
+        "num_classes": int(train.labels.max()) + 1,
+        "feature_dim": 64,
+    }
+    classifier = train_classifier(
+        to_model_range(train.images),
+        train.labels,
+        num_classes=spec["num_classes"],
+        feature_dim=spec["feature_dim"],
+        epochs=config.eval.classifier_epochs,
+        seed=config.data.seed,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(classifier.state_dict(), directory / WEIGHTS)
+    (directory / SPEC).write_text(json.dumps(spec))
+    return str(directory)
+
+
+# Ray starts its worker processes (Ray Train workers included) at this niceness, drivers at 0
+# (ray-project/ray#24928; RAY_worker_niceness): on a shared CPU they yield to everything else.
+RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))  # noqa: SIM112 (Ray's name)
+
+# The process title of a Ray Train worker (``ray::RayTrainWorker...``).
+WORKER_MARK = "RayTrainWorker"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        for child in _children(todo.pop()):
+            seen.append(child)
+            todo.append(child)
+    return seen
+
+
+def ray_train_workers() -> list[int]:
+    """PIDs of the Ray Train workers started under this process (not other users' Ray)."""
+    found = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if WORKER_MARK in Path(f"/proc/{pid}/cmdline").read_text():
+                found.append(pid)
+    return found
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and each process below it, by
+    name: Ray Train workers, Ray's other processes (raylet, GCS, dashboard, controller, ...),
+    and this driver; what the Ray machinery costs beside the training is their difference."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid in [os.getpid(), *descendants(os.getpid())]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+            if pid == os.getpid():
+                name = "driver (this bench)"
+            elif WORKER_MARK in cmdline:
+                name = "Ray Train workers"
+            else:
+                name = _ray_process_name(cmdline)
+            used[name] = used.get(name, 0.0) + seconds
+    return used
+
+
+def _ray_process_name(cmdline: str) -> str:
+    for mark in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if mark in cmdline:
+            return mark
+    if cmdline.startswith("ray::"):
+        return cmdline.split()[0].split(".")[0]
+    return "other"
+
+
+# ------------------------------------------------------------------ reference loops (no Ray)
+
+
+def _ddp(module: nn.Module) -> DistributedDataParallel:
+    # As pipelines/train.py: sync batch norm keeps buffers equal, no broadcast per forward.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, forward_sync_buffers=False)
+    return DistributedDataParallel(module, broadcast_buffers=False)
+
+
+def bare_step(
+    g: nn.Module,
+    d: nn.Module,
+    g_run: nn.Module,
+    d_run: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    latent_dim: int,
+    rng: torch.Generator,
+    loss: str,
+) -> None:
+    """One GAN iteration (the configured loss, no penalties) with nothing else: no figures, no
+    gradient norms, no schedules. Noise is drawn on ``rng``'s device (a CUDA generator: on the
+    GPU, with no copy)."""
+    d_loss, g_loss = get_loss(loss)
+    batch = real.shape[0]
+    with torch.no_grad():
+        fake = g(torch.randn(batch, latent_dim, generator=rng, device=rng.device))
+    loss_d = d_loss(d_run(real), d_run(fake))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    d.requires_grad_(False)
+    loss_g = g_loss(d(g_run(torch.randn(batch, latent_dim, generator=rng, device=rng.device))))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    d.requires_grad_(True)
+
+
+def _count_all_reduces() -> dict[str, int]:
+    """Wraps ``dist.all_reduce`` to count calls (sync batch norm looks it up at call time)."""
+    counts = {"calls": 0}
+    original = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts["calls"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted  # type: ignore[assignment]
+    return counts
+
+
+def _reference_worker(
+    rank: int, world: int, store: str, job: dict[str, Any], out: str
+) -> None:  # pragma: no cover - runs in a child process
+    torch.set_num_threads(1)
+    if job["nice"]:
+        os.nice(job["nice"])  # e.g. the niceness Ray gives its workers (15)
+    config = config_from_dict(job["config"])
+    t = config.train
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    shape = tuple(job["shape"])
+    own = concat([read_shard(p, shape) for p in job["shards"][rank::world]])
+    data, labels = to_model_range(own.images), torch.from_numpy(own.labels)
+    local_batch = t.batch_size // world
+    counts = _count_all_reduces() if job.get("count_all_reduces") else None
+
+    if job["mode"] == "state":
+        state = TrainingState(config, channels=shape[0], device=torch.device("cpu"), rank=rank)
+        g, d, rng = state.generator, state.discriminator, state.rng
+        g_run, d_run = (_ddp(g), _ddp(d)) if world > 1 else (g, d)
+
+        def step(i: int) -> None:
+            index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
+            state.step(data[index], i, g_run, d_run, labels[index])
+
+    else:
+        if config.model.conditional:
+            raise ValueError("the bare loop is unconditional: use mode='state'")
+        torch.manual_seed(t.seed)
+        g, d = build_models(config, shape[0])
+        o = config.optim
+        opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+        opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+        rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
+        g_run, d_run = (_ddp(g), _ddp(d)) if world > 1 else (g, d)
+        latent = config.model.latent_dim
+
+        def step(i: int) -> None:
+            index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
+            real = data[index]
+            bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, config.loss.kind)
+
+    def barrier() -> None:
+        if world > 1:
+            dist.barrier()
+
+    for i in range(job["warmup"]):
+        step(i)
+    barrier()
+    if counts is not None:
+        counts["calls"] = 0
+    load_start = loadavg()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    profile = job.get("profile")
+    if profile and rank == 0:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(job["steps"]):
+                step(job["warmup"] + i)
+        Path(profile).write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        )
+    else:
+        for i in range(job["steps"]):
+            step(job["warmup"] + i)
+    barrier()
+    elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
+    Path(f"{out}.cpu{rank}").write_text(str(cpu_s))
+    if rank == 0:
+        result = {
+            # Below 1.0: rank 0 waited (for the other rank, or for a core others were using).
+            "cpu_busy": cpu_s / elapsed,
+            "elapsed_s": elapsed,
+            "images_per_s": t.batch_size * job["steps"] / elapsed,
+            "load_start": load_start,
+            "load_end": loadavg(),
+        }
+        if counts is not None:
+            result["all_reduces_per_step"] = counts["calls"] / job["steps"]
+        Path(out).write_text(json.dumps(result))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_reference(
+    config: Config,
+    dataset: Dataset,
+    *,
+    mode: str = "bare",
+    steps: int = 500,
+    warmup: int = 50,
+    count_all_reduces: bool = False,
+    profile: str | None = None,
+    nice: int = 0,
+) -> dict[str, Any]:
+    """Train ``steps`` timed steps (after ``warmup``) with ``config.train.workers`` processes,
+    each at niceness ``nice``; returns rank 0's figures (images/s over the global batch, the
+    share of a core rank 0 used, load averages)."""
+    world = config.train.workers
+    job = {
+        "config": config.to_dict(),
+        "shards": dataset.shards,
+        "shape": list(dataset.shape),
+        "mode": mode,
+        "steps": steps,
+        "warmup": warmup,
+        "count_all_reduces": count_all_reduces,
+        "profile": profile,
+        "nice": nice,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.json")
+        mp.start_processes(
+            _reference_worker,
+            args=(world, str(Path(tmp) / "store"), job, out),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        result = json.loads(Path(out).read_text())
+        # Images per CPU-second of all ranks: what the training costs in CPU, which other
+        # programs on the machine change much less than the wall-clock rate.
+        cpu_s = sum(float(Path(f"{out}.cpu{rank}").read_text()) for rank in range(world))
+        result["images_per_cpu_s"] = config.train.batch_size * steps / cpu_s
+        return result
