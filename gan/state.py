@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,9 @@ def _read(directory: str | Path, required: tuple[str, ...]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or corrupt files
-        from gan.metrics.inception import _load_error_detail  # only the reason, not the advice
-
         raise CheckpointError(
             f"{path}: not a ganpipe checkpoint; torch.load(weights_only=True) refused it "
-            f"({_load_error_detail(exc)})"
+            f"({torch_load_refusal(exc)})"
         ) from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
@@ -38,6 +37,22 @@ def _read(directory: str | Path, required: tuple[str, ...]) -> dict[str, Any]:
             f"{type(state).__name__}"
         )
     return state
+
+
+def torch_load_refusal(exc: Exception) -> str:
+    """The informative part of torch.load's error.
+
+    torch's weights-only message opens with advice to retry with weights_only=False, which would
+    run whatever code a foreign pickle holds; only the reason is passed on.
+    """
+    text = str(exc)
+    found = re.search(
+        r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|Unsupported operand \S+", text
+    )
+    if found:
+        return f"{type(exc).__name__}: {found.group(0)}"
+    first_line = (text.strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
 def unwrap(module: nn.Module) -> nn.Module:

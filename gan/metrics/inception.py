@@ -16,13 +16,14 @@ that range), so no further scaling is applied.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gan.state import torch_load_refusal
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -329,22 +330,6 @@ def _matched_state_dict(
     return {k: state_dict.get(k, v) for k, v in expected.items()}
 
 
-def _load_error_detail(exc: Exception) -> str:
-    """The informative part of torch.load's error.
-
-    torch's weights-only message opens with advice to retry with weights_only=False, which would
-    run whatever code a foreign pickle holds; only the reason is passed on.
-    """
-    text = str(exc)
-    found = re.search(
-        r"Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|Unsupported operand \S+", text
-    )
-    if found:
-        return f"{type(exc).__name__}: {found.group(0)}"
-    first_line = (text.strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
-
-
 def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -356,7 +341,7 @@ def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     except Exception as exc:  # torch raises several types for foreign or corrupt files
         raise InceptionWeightsError(
             f"{path}: not a torch state dict of tensors; torch.load(weights_only=True) refused it "
-            f"({_load_error_detail(exc)}); expected {_expected_file()}"
+            f"({torch_load_refusal(exc)}); expected {_expected_file()}"
         ) from exc
     if not isinstance(obj, Mapping) or not obj:
         raise InceptionWeightsError(
