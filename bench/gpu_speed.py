@@ -33,6 +33,7 @@ import torch._inductor.config as inductor_config
 import torch.distributed as dist
 from harness import bare_step
 
+from gan.step import StepStats
 from pipelines.config import Config, load_config
 from pipelines.loop import TrainingState, build_models
 
@@ -124,18 +125,13 @@ def _ganpipe(
         generator, discriminator = _ddp(generator), _ddp(discriminator)
     labels = torch.zeros(data.shape[0], dtype=torch.long)
     batch = config.train.batch_size
-    sums = torch.zeros(10, device=device)
+    sums = torch.zeros(len(StepStats.FIGURES), device=device)
 
     def step(i: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=state.rng)
         real, real_labels = state.to_device(data[index], labels[index])
         stats = state.step(real, i, generator, discriminator, real_labels)
-        # What pipelines/train.py adds per step: the figures summed on the device.
-        figures = [
-            stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
-            stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,
-        ]  # fmt: skip
-        sums.add_(torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures]))
+        sums.add_(stats.stacked())  # what pipelines/train.py adds per step
         if (i + 1) % config.train.report_every == 0:
             sums.cpu()
             sums.zero_()

@@ -107,28 +107,13 @@ def write_dataset(config: Config, directory: str | Path) -> Dataset:
 
 def write_classifier(config: Config, dataset: Dataset, directory: str | Path) -> str:
     """The fit_features step's classifier (same spec and files), for runs with the probe on."""
-    from gan.metrics import train_classifier
-    from pipelines.steps.features import SPEC, WEIGHTS
+    from pipelines.steps.features import fit_classifier, save_classifier
 
     train = concat([read_shard(p, dataset.shape) for p in dataset.shards])
-    spec = {
-        "in_channels": dataset.shape[0],
-        "resolution": dataset.shape[1],
-        "num_classes": int(train.labels.max()) + 1,
-        "feature_dim": 64,
-    }
-    classifier = train_classifier(
-        to_model_range(train.images),
-        train.labels,
-        num_classes=spec["num_classes"],
-        feature_dim=spec["feature_dim"],
-        epochs=config.eval.classifier_epochs,
-        seed=config.data.seed,
-    )
+    classifier, spec = fit_classifier(config, train, int(train.labels.max()) + 1)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(classifier.state_dict(), directory / WEIGHTS)
-    (directory / SPEC).write_text(json.dumps(spec))
+    save_classifier(directory, classifier, spec)
     return str(directory)
 
 

@@ -52,6 +52,18 @@ class StepStats:
     grad_norm_g: torch.Tensor = field(default_factory=_zero)
     grad_norm_d: torch.Tensor = field(default_factory=_zero)
 
+    # The figures a training loop averages over its report window, in the order of stacked().
+    FIGURES = (
+        "loss_d", "loss_g", "d_real", "d_fake", "r1", "gp",
+        "lecam", "consistency", "grad_norm_g", "grad_norm_d",
+    )  # fmt: skip
+
+    def stacked(self) -> torch.Tensor:
+        """The :attr:`FIGURES` as one float32 tensor, to sum on the device without a sync."""
+        return torch.stack(
+            [torch.as_tensor(getattr(self, n), dtype=torch.float32) for n in self.FIGURES]
+        )
+
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():

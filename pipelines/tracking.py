@@ -297,26 +297,47 @@ class RunLogger:
 
     def _deliver(self, wait: bool) -> None:
         """Send the buffered metrics; with ``wait``, until none is left (or the window ends)."""
+        self._drain(
+            self._pending,
+            MAX_METRICS_PER_REQUEST,
+            lambda batch: self.client.log_batch(self.run_id, metrics=batch),
+            wait,
+        )
+
+    def _deliver_images(self, wait: bool) -> None:
+        def send(batch: list[tuple[Any, str, int, int]]) -> None:
+            image, key, step, timestamp = batch[0]
+            self.client.log_image(
+                self.run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True
+            )
+
+        self._drain(self._pending_images, 1, send, wait)
+
+    def _drain(
+        self, queue: list[Any], size: int, send: Callable[[list[Any]], None], wait: bool
+    ) -> None:
+        """Send ``queue`` oldest first, ``size`` entries per request, while the server answers;
+        with ``wait``, until it is empty (or the retry window ends). Sent entries leave it."""
         with self._lock:
-            while self._pending:
+            while queue:
                 outage = self._outage()
                 if outage is not None and time.monotonic() < outage.next_attempt:
                     if not wait:
                         return
                     time.sleep(outage.next_attempt - time.monotonic())
-                batch = self._pending[:MAX_METRICS_PER_REQUEST]
+                batch = queue[:size]
                 try:
-                    self.client.log_batch(self.run_id, metrics=batch)
+                    send(batch)
                 except Exception as exc:
                     if not is_server_unreachable(exc):
-                        # The server refused these values: retrying would fail every later call.
-                        del self._pending[: len(batch)]
+                        # The server refused these entries: retrying would fail every later call.
+                        del queue[: len(batch)]
                         raise
                     self._record_failure(exc)
                     if not wait:
                         return
                     continue
-                del self._pending[: len(batch)]
+                del queue[: len(batch)]
                 self._record_success()
 
     # -- writes ----------------------------------------------------------------------------
@@ -345,31 +366,6 @@ class RunLogger:
         with self._lock:
             self._pending_images.append((image, key, step, now))
             self._deliver_images(wait=False)
-
-    def _deliver_images(self, wait: bool) -> None:
-        with self._lock:
-            while self._pending_images:
-                outage = self._outage()
-                if outage is not None and time.monotonic() < outage.next_attempt:
-                    if not wait:
-                        return
-                    time.sleep(outage.next_attempt - time.monotonic())
-                image, key, step, timestamp = self._pending_images[0]
-                try:
-                    self.client.log_image(
-                        self.run_id, image, key=key, step=step, timestamp=timestamp,
-                        synchronous=True,
-                    )  # fmt: skip
-                except Exception as exc:
-                    if not is_server_unreachable(exc):
-                        del self._pending_images[0]
-                        raise
-                    self._record_failure(exc)
-                    if not wait:
-                        return
-                    continue
-                del self._pending_images[0]
-                self._record_success()
 
     def flush(self) -> None:
         """Deliver every buffered metric and image, waiting for the server up to the retry

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
 from gan.monitor import DistanceProbe
+from gan.step import StepStats
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
 from pipelines.divergence import DivergenceGuard, TrainingDiverged
@@ -233,7 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loss = config.loss
     # Summed on the device and read once per report: a .cpu() per step would make the host
     # wait for every GPU step to finish before queueing the next one.
-    sums = torch.zeros(10, device=device)
+    sums = torch.zeros(len(StepStats.FIGURES), device=device)
     window_start, window_steps = time.perf_counter(), 0
     next_step = start
     while next_step < t.steps:
@@ -244,11 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         inject_nan.after_step(step, state)
         inject_crash.after_step(step)
-        figures = [
-            stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake, stats.r1, stats.gp,
-            stats.lecam, stats.consistency, stats.grad_norm_g, stats.grad_norm_d,
-        ]  # fmt: skip
-        sums += torch.stack([torch.as_tensor(f, dtype=torch.float32) for f in figures])
+        sums += stats.stacked()
         window_steps += 1
         done = step + 1
         if done % t.report_every and done != t.steps:
@@ -275,18 +272,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         elapsed = time.perf_counter() - window_start
         augment, ada = state.augment, state.ada
+        mean = dict(zip(StepStats.FIGURES, means.tolist(), strict=True))
         metrics = {
             "step": done,
-            "loss_d": float(means[0]),
-            "loss_g": float(means[1]),
-            "d_real": float(means[2]),
-            "d_fake": float(means[3]),
-            **({"r1": float(means[4])} if loss.r1_gamma > 0 else {}),
-            **({"gradient_penalty": float(means[5])} if loss.gp_weight > 0 else {}),
-            **({"lecam": float(means[6])} if loss.lecam_weight > 0 else {}),
-            **({"consistency": float(means[7])} if loss.consistency_weight > 0 else {}),
-            "grad_norm_g": float(means[8]),
-            "grad_norm_d": float(means[9]),
+            **{name: mean[name] for name in ("loss_d", "loss_g", "d_real", "d_fake")},
+            **({"r1": mean["r1"]} if loss.r1_gamma > 0 else {}),
+            **({"gradient_penalty": mean["gp"]} if loss.gp_weight > 0 else {}),
+            **({"lecam": mean["lecam"]} if loss.lecam_weight > 0 else {}),
+            **({"consistency": mean["consistency"]} if loss.consistency_weight > 0 else {}),
+            "grad_norm_g": mean["grad_norm_g"],
+            "grad_norm_d": mean["grad_norm_d"],
             **({"augment_p": augment.p} if augment is not None else {}),
             **({"ada_signal": ada.signal} if ada is not None and ada.signal is not None else {}),
             **state.rates(),
