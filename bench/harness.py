@@ -225,15 +225,17 @@ def bare_step(
 
 
 def _count_all_reduces() -> dict[str, int]:
-    """Wraps ``dist.all_reduce`` to count calls (sync batch norm looks it up at call time)."""
+    """Wraps sync batch norm's all-reduce to count calls (it is looked up at call time)."""
+    from gan.nn import sync_batchnorm
+
     counts = {"calls": 0}
-    original = dist.all_reduce
+    original = sync_batchnorm.all_reduce_sum
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         counts["calls"] += 1
         return original(*args, **kwargs)
 
-    dist.all_reduce = counted  # type: ignore[assignment]
+    sync_batchnorm.all_reduce_sum = counted  # type: ignore[assignment]
     return counts
 
 

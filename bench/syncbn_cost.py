@@ -5,19 +5,23 @@
     python bench/syncbn_cost.py -- model.g_width=64
 
 Runs the bare DDP loop of bench/harness.py (gloo, one thread per process, global batch 64) with
-both settings in alternating order, prints images/s, ms per step, the median ratio, and how many
-``dist.all_reduce`` calls a step makes (sync batch norm's; DDP's gradient all-reduces go through
-its C++ reducer and are not counted).
+each variant in rotating order: sync batch norm with its statistics over direct TCP connections
+(the default, ``sync_batch``), the same through gloo's all_reduce (``sync_batch/gloo``,
+GANPIPE_SYNC_BN_EXCHANGE=process_group) and plain batch norm (``batch``). Prints images/s, ms
+per step, the median ratios to ``batch``, and how many statistics all-reduces a step makes (DDP's
+gradient all-reduces go through its C++ reducer and are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
 from harness import loadavg, machine, median, run_reference, write_dataset
 
+from gan.nn.stats_exchange import EXCHANGE_ENV
 from pipelines.config import load_config
 
 
@@ -39,7 +43,12 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"load average at start: {loadavg()}")
-    norms = ("sync_batch", "batch")
+    # variant -> (model norm, statistics exchange)
+    variants = {
+        "sync_batch": ("sync_batch", "tcp"),
+        "sync_batch/gloo": ("sync_batch", "process_group"),
+        "batch": ("batch", "tcp"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         configs = {
             norm: load_config(
@@ -52,30 +61,32 @@ def main() -> None:
                     *args.overrides,
                 ],
             )
-            for norm in norms
+            for norm in ("sync_batch", "batch")
         }
         dataset = write_dataset(configs["batch"], Path(tmp) / "dataset")
         batch = configs["batch"].train.batch_size
         m = configs["sync_batch"].model
         print(f"compared: g_norm {m.g_norm} and d_norm {m.d_norm} against batch norm there")
 
-        for norm in norms:
-            counted = run_reference(
-                configs[norm], dataset, mode=args.mode, steps=20, warmup=5, count_all_reduces=True
-            )
-            print(f"{norm:10s}: {counted['all_reduces_per_step']:.0f} dist.all_reduce per step")
+        def run(variant: str, **kwargs: object) -> dict:
+            norm, exchange = variants[variant]
+            os.environ[EXCHANGE_ENV] = exchange  # the spawned ranks inherit it
+            return run_reference(configs[norm], dataset, mode=args.mode, **kwargs)
 
+        for variant in variants:
+            counted = run(variant, steps=20, warmup=5, count_all_reduces=True)
+            print(f"{variant:16s}: {counted['all_reduces_per_step']:.0f} all-reduces per step")
+
+        names = list(variants)
         rounds: list[dict[str, dict]] = []
         for repeat in range(args.repeats):
-            order = norms if repeat % 2 == 0 else norms[::-1]
+            shift = repeat % len(names)
             results = {}
-            for norm in order:
-                r = run_reference(
-                    configs[norm], dataset, mode=args.mode, steps=args.steps, warmup=args.warmup
-                )
-                results[norm] = r
+            for variant in names[shift:] + names[:shift]:
+                r = run(variant, steps=args.steps, warmup=args.warmup)
+                results[variant] = r
                 print(
-                    f"round {repeat} {norm:10s}: {r['images_per_s']:6.0f} images/s, "
+                    f"round {repeat} {variant:16s}: {r['images_per_s']:6.0f} images/s, "
                     f"{1000 * batch / r['images_per_s']:6.1f} ms/step, "
                     f"{r['images_per_cpu_s']:6.0f} images per CPU-second  "
                     f"load {r['load_start']} -> {r['load_end']}",
@@ -84,28 +95,27 @@ def main() -> None:
             rounds.append(results)
 
         print()
-        for norm in norms:
-            rate = median([r[norm]["images_per_s"] for r in rounds])
-            per_cpu = median([r[norm]["images_per_cpu_s"] for r in rounds])
+        for variant in names:
+            rate = median([r[variant]["images_per_s"] for r in rounds])
+            per_cpu = median([r[variant]["images_per_cpu_s"] for r in rounds])
             print(
-                f"{norm:10s}: median {rate:6.0f} images/s, {1000 * batch / rate:6.1f} ms/step, "
+                f"{variant:16s}: median {rate:6.0f} images/s, {1000 * batch / rate:6.1f} ms/step, "
                 f"{per_cpu:6.0f} images per CPU-second"
             )
-        for key, label in (("images_per_s", "step time"), ("images_per_cpu_s", "CPU per step")):
-            ratios = [r["batch"][key] / r["sync_batch"][key] for r in rounds]
-            each = ", ".join(f"{x:.3f}" for x in ratios)
-            print(
-                f"{label} sync_batch / batch: median {median(ratios):.3f} ({each}); "
-                f"{args.workers} processes x {batch // args.workers} images"
-            )
+        for variant in names[:-1]:
+            for key, label in (("images_per_s", "step time"), ("images_per_cpu_s", "CPU per step")):
+                ratios = [r["batch"][key] / r[variant][key] for r in rounds]
+                each = ", ".join(f"{x:.3f}" for x in ratios)
+                print(
+                    f"{label} {variant} / batch: median {median(ratios):.3f} ({each}); "
+                    f"{args.workers} processes x {batch // args.workers} images"
+                )
 
         if args.profile:
-            for norm in norms:
-                table = Path(tmp) / f"profile-{norm}.txt"
-                run_reference(
-                    configs[norm], dataset, mode=args.mode, steps=50, warmup=20, profile=str(table)
-                )
-                print(f"\ntorch.profiler, rank 0, 50 steps, {norm}:\n{table.read_text()}")
+            for variant in names:
+                table = Path(tmp) / "profile.txt"
+                run(variant, steps=50, warmup=20, profile=str(table))
+                print(f"\ntorch.profiler, rank 0, 50 steps, {variant}:\n{table.read_text()}")
     print(f"load average at end: {loadavg()}")
 
 

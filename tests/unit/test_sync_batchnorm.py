@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from gan.nn import sync_batchnorm
+from gan.nn.stats_exchange import EXCHANGE_ENV, EXCHANGES
 from gan.nn.sync_batchnorm import SyncBatchNorm, convert_to_sync_batchnorm
 
 WORLD_SIZE = 2
@@ -157,14 +159,21 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
     module = _make_module(SyncBatchNorm, name, data)
 
     calls: list[str] = []
+    process_group_calls: list[str] = []
+    real_exchange = sync_batchnorm.all_reduce_sum
     real_all_reduce = dist.all_reduce
 
-    def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def counting_exchange(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if spec.get("eval"):
             raise AssertionError("eval mode must not communicate")
         calls.append(f"{tuple(tensor.shape)}")
+        return real_exchange(tensor, *args, **kwargs)
+
+    def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        process_group_calls.append(f"{tuple(tensor.shape)}")
         return real_all_reduce(tensor, *args, **kwargs)
 
+    sync_batchnorm.all_reduce_sum = counting_exchange
     dist.all_reduce = counting_all_reduce
     try:
         if spec.get("eval"):
@@ -174,15 +183,18 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         else:
             result = _run_steps(module, xs, grads)
     finally:
+        sync_batchnorm.all_reduce_sum = real_exchange
         dist.all_reduce = real_all_reduce
     result.update(_buffers(module))
     result["all_reduce_calls"] = calls
+    result["process_group_all_reduces"] = process_group_calls
     return result
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, exchange: str) -> None:
     """Spawned process: join the gloo group, run every scenario, save results to ``out_dir``."""
     torch.set_num_threads(1)
+    os.environ[EXCHANGE_ENV] = exchange
     try:
         dist.init_process_group(
             "gloo",
@@ -201,13 +213,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         raise
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Run all scenarios once in two gloo processes; return each rank's results."""
+@pytest.fixture(scope="module", params=EXCHANGES)
+def dist_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, Any]]:
+    """Run all scenarios once in two gloo processes per exchange (the statistics over direct TCP
+    connections, or through the process group); return each rank's results."""
     tmp = tmp_path_factory.mktemp("sync_bn")
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)))
+        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp), request.param))
         for rank in range(WORLD_SIZE)
     ]
     for p in procs:
@@ -221,7 +236,10 @@ def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
     assert not hung, f"workers did not finish in {JOIN_TIMEOUT_S}s\n{errors}"
     assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, f"worker failed:\n{errors}"
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    results = [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    for r in results:
+        r["exchange"] = request.param
+    return results
 
 
 def _reference(name: str) -> dict[str, Any]:
@@ -301,6 +319,9 @@ def test_distributed_one_all_reduce_each_way(dist_results: list[dict[str, Any]])
     # [sum, sumsq, count] forward, [sum(dy), sum(dy * x_hat)] backward, C = 3.
     for r in dist_results:
         assert r["equal"]["all_reduce_calls"] == ["(7,)", "(6,)"]
+        # Only the process-group exchange goes through gloo's all_reduce.
+        through_gloo = ["(7,)", "(6,)"] if r["exchange"] == "process_group" else []
+        assert r["equal"]["process_group_all_reduces"] == through_gloo
 
 
 def test_distributed_rank_with_empty_batch(dist_results: list[dict[str, Any]]) -> None:

@@ -1,0 +1,169 @@
+"""Sums of small CPU tensors across the ranks of a process group, over direct TCP connections.
+
+Synchronized batch norm on CPU makes two tiny all-reduces per layer and step (a few hundred
+numbers each). Through gloo each one costs 1 to 2 ms on an oversubscribed CPU, where a plain
+socket round trip costs 15 to 70 microseconds (docs/benchmarks.md): gloo hands every collective
+to a worker thread, and its receive thread spins on a message that arrives before the receive is
+posted, taking a core from the rank that is still computing. Here the calling thread writes to
+and reads from one connection per peer itself, and the kernel keeps an early message in the
+socket buffer until it is read.
+
+Each rank sums the same tensors in rank order, so every rank gets bit-identical results, as the
+statistics of synchronized batch norm require. The connections are made on first use in a group
+(a collective call: every rank of the group must make it) with the group's own process group
+handing out the addresses. ``GANPIPE_SYNC_BN_EXCHANGE=process_group`` sends everything through
+``torch.distributed.all_reduce`` instead, for networks where ranks cannot open connections to
+each other's ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import weakref
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["EXCHANGES", "EXCHANGE_ENV", "MAX_EXCHANGE_BYTES", "all_reduce_sum"]
+
+EXCHANGE_ENV = "GANPIPE_SYNC_BN_EXCHANGE"
+EXCHANGES = ("tcp", "process_group")
+# Larger tensors go through the process group: a blocking send of up to this size always fits
+# in the socket buffers, so two ranks sending to each other at once cannot deadlock.
+MAX_EXCHANGE_BYTES = 64 * 1024
+CONNECT_TIMEOUT_S = 60.0
+# As long as torch's default process-group timeout: a rank that stops answering fails its peers.
+RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
+
+_RANK_HEADER = struct.Struct("!i")
+_meshes: weakref.WeakKeyDictionary[Any, _Mesh] = weakref.WeakKeyDictionary()
+
+
+def all_reduce_sum(tensor: Tensor, group: Any = None) -> None:
+    """Replace the 1-D CPU ``tensor`` by its sum over the ranks of ``group`` (default: world)."""
+    if group is None:
+        group = dist.group.WORLD
+    exchange = os.environ.get(EXCHANGE_ENV, "tcp")
+    if exchange not in EXCHANGES:
+        raise ValueError(
+            f"{EXCHANGE_ENV}={exchange!r} is not an exchange; use one of {', '.join(EXCHANGES)}"
+        )
+    small = tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= (
+        MAX_EXCHANGE_BYTES
+    )
+    if exchange == "process_group" or not small:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return
+    if tensor.numel() == 0:
+        return
+    mesh = _meshes.get(group)
+    if mesh is None:
+        mesh = _meshes[group] = _Mesh(group)
+    mesh.all_reduce_sum(tensor)
+
+
+def _advertised_host() -> str:
+    """The address peers reach this rank at: the interface that routes to rank 0's address when
+    the process group was set up from MASTER_ADDR (Ray Train, torchrun), else the host name."""
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((master, int(os.environ.get("MASTER_PORT", "1"))))
+                return probe.getsockname()[0]
+            except OSError:
+                pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class _Mesh:
+    """One TCP connection to every other rank of a process group."""
+
+    def __init__(self, group: Any) -> None:
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        with socket.create_server(("", 0), backlog=self.size) as listener:
+            listener.settimeout(CONNECT_TIMEOUT_S)
+            addresses: list[Any] = [None] * self.size
+            mine = (_advertised_host(), listener.getsockname()[1])
+            dist.all_gather_object(addresses, mine, group=group)
+            self.peers: dict[int, socket.socket] = {}
+            # Lower ranks listen, higher ranks connect: every pair gets exactly one connection.
+            for peer in range(self.rank):
+                host, port = addresses[peer]
+                try:
+                    conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+                except OSError as error:
+                    raise RuntimeError(
+                        f"sync batch norm: rank {self.rank} cannot connect to rank {peer} at "
+                        f"{host}:{port} ({error}); open the ranks' ephemeral ports to each other "
+                        f"or set {EXCHANGE_ENV}=process_group"
+                    ) from error
+                conn.sendall(_RANK_HEADER.pack(self.rank))
+                self.peers[peer] = conn
+            for _ in range(self.rank + 1, self.size):
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError as error:
+                    raise RuntimeError(
+                        f"sync batch norm: rank {self.rank} waited {CONNECT_TIMEOUT_S:.0f} s for "
+                        f"higher ranks to connect to {mine[0]}:{mine[1]}; set "
+                        f"{EXCHANGE_ENV}=process_group if they cannot reach it"
+                    ) from error
+                conn.settimeout(CONNECT_TIMEOUT_S)
+                (peer,) = _RANK_HEADER.unpack(self._receive(conn, _RANK_HEADER.size, "?"))
+                self.peers[peer] = conn
+        for conn in self.peers.values():
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(RECEIVE_TIMEOUT_S)
+        self._finalizer = weakref.finalize(self, _close_all, list(self.peers.values()))
+
+    def all_reduce_sum(self, tensor: Tensor) -> None:
+        flat = tensor.detach().contiguous().view(-1)
+        payload = flat.view(torch.uint8).numpy().tobytes()
+        for peer, conn in self.peers.items():
+            try:
+                conn.sendall(payload)
+            except OSError as error:
+                raise self._lost(peer, error) from error
+        parts = {self.rank: flat.clone()}
+        for peer, conn in self.peers.items():
+            received = self._receive(conn, len(payload), peer)
+            parts[peer] = torch.frombuffer(received, dtype=flat.dtype)
+        total = parts[0].clone()
+        for rank in range(1, self.size):
+            total += parts[rank]
+        tensor.copy_(total.view_as(tensor))
+
+    def _receive(self, conn: socket.socket, size: int, peer: int | str) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        try:
+            while received < size:
+                count = conn.recv_into(view[received:])
+                if count == 0:
+                    raise ConnectionError("connection closed")
+                received += count
+        except OSError as error:
+            raise self._lost(peer, error) from error
+        return buffer
+
+    def _lost(self, peer: int | str, error: OSError) -> RuntimeError:
+        return RuntimeError(
+            f"sync batch norm: rank {self.rank} lost its connection to rank {peer} ({error}); "
+            "did that worker stop?"
+        )
+
+
+def _close_all(connections: list[socket.socket]) -> None:
+    for conn in connections:
+        conn.close()

@@ -1,0 +1,140 @@
+"""gan.nn.stats_exchange across three gloo processes: sums, fallbacks and a lost peer."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_EXCHANGE_BYTES, all_reduce_sum
+
+WORLD_SIZE = 3
+JOIN_TIMEOUT_S = 120.0
+
+
+def _contribution(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    # Values of very different magnitudes: a sum whose result depends on the order of addition.
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(numel, generator=g, dtype=torch.float64).mul(10.0 ** (4 * rank)).to(dtype)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            timeout=timedelta(seconds=60),
+        )
+        real_all_reduce = dist.all_reduce
+        gloo_calls: list[int] = []
+
+        def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            gloo_calls.append(tensor.numel())
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        results: dict[str, Any] = {}
+        for dtype in (torch.float32, torch.float64):
+            t = _contribution(rank, 257, dtype)
+            all_reduce_sum(t)
+            results[f"small_{dtype}"] = t
+        big = MAX_EXCHANGE_BYTES // 4 + 1  # float32 elements: one more than the exchange takes
+        t = _contribution(rank, big, torch.float32)
+        all_reduce_sum(t)
+        results["big"] = t
+        results["gloo_calls"] = list(gloo_calls)
+
+        os.environ[EXCHANGE_ENV] = "process_group"
+        t = _contribution(rank, 5, torch.float64)
+        all_reduce_sum(t)
+        results["process_group"] = t
+        results["gloo_calls_after"] = list(gloo_calls)
+        os.environ[EXCHANGE_ENV] = "carrier-pigeon"
+        try:
+            all_reduce_sum(torch.zeros(3))
+        except ValueError as error:
+            results["bad_env"] = str(error)
+        del os.environ[EXCHANGE_ENV]
+        dist.all_reduce = real_all_reduce
+        dist.barrier()
+
+        # Rank 2 goes away; the others must get an error that names it, not hang.
+        if rank == 2:
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+            os._exit(0)
+        try:
+            all_reduce_sum(torch.ones(4))
+        except RuntimeError as error:
+            results["lost"] = str(error)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("exchange")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)))
+        for rank in range(WORLD_SIZE)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOIN_TIMEOUT_S)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
+    assert not hung, f"workers did not finish in {JOIN_TIMEOUT_S}s\n{errors}"
+    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, f"worker failed:\n{errors}"
+    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_rank_gets_the_same_bits_of_the_rank_order_sum(
+    results: list[dict[str, Any]], dtype: torch.dtype
+) -> None:
+    expected = _contribution(0, 257, dtype).clone()
+    for rank in range(1, WORLD_SIZE):
+        expected += _contribution(rank, 257, dtype)
+    for r in results:
+        assert torch.equal(r[f"small_{dtype}"], expected)
+
+
+def test_small_tensors_bypass_gloo_and_big_ones_use_it(results: list[dict[str, Any]]) -> None:
+    big = MAX_EXCHANGE_BYTES // 4 + 1
+    expected = sum(_contribution(rank, big, torch.float32).double() for rank in range(WORLD_SIZE))
+    for r in results:
+        assert r["gloo_calls"] == [big]
+        torch.testing.assert_close(r["big"].double(), expected, rtol=1e-6, atol=1e-3)
+
+
+def test_process_group_exchange_goes_through_gloo(results: list[dict[str, Any]]) -> None:
+    expected = sum(_contribution(rank, 5, torch.float64) for rank in range(WORLD_SIZE))
+    for r in results:
+        assert r["gloo_calls_after"][-1] == 5
+        torch.testing.assert_close(r["process_group"], expected)
+
+
+def test_unknown_exchange_is_refused_with_the_choices(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert EXCHANGE_ENV in r["bad_env"] and "tcp, process_group" in r["bad_env"]
+
+
+def test_a_lost_peer_is_an_error_that_names_it(results: list[dict[str, Any]]) -> None:
+    for r in results[:2]:
+        assert "lost its connection to rank 2" in r["lost"], r.get("lost")
