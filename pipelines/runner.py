@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gan.nn.stats_exchange import EXCHANGE_ENV
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
 from pipelines.dag import Dag, Step, StepContext
@@ -125,7 +126,12 @@ RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def ray_train_environment() -> dict[str, str]:
-    return {name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENVIRONMENT.items()}
+    """The Ray Train settings above, and the ganpipe switches set in this process (the
+    statistics exchange of sync batch norm) for the workers to see them too."""
+    settings = {name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENVIRONMENT.items()}
+    if EXCHANGE_ENV in os.environ:
+        settings[EXCHANGE_ENV] = os.environ[EXCHANGE_ENV]
+    return settings
 
 
 def init_ray(num_cpus: int | None = None) -> None:

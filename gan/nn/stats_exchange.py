@@ -19,8 +19,10 @@ each other's ephemeral ports.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import struct
+import time
 import weakref
 from datetime import timedelta
 from typing import Any
@@ -33,14 +35,15 @@ __all__ = ["EXCHANGES", "EXCHANGE_ENV", "MAX_EXCHANGE_BYTES", "all_reduce_sum"]
 
 EXCHANGE_ENV = "GANPIPE_SYNC_BN_EXCHANGE"
 EXCHANGES = ("tcp", "process_group")
-# Larger tensors go through the process group: a blocking send of up to this size always fits
-# in the socket buffers, so two ranks sending to each other at once cannot deadlock.
+# Larger tensors go through the process group: every rank sends before it receives, which cannot
+# deadlock while a message fits in the peer's receive buffer (Linux's default: 128 KiB).
 MAX_EXCHANGE_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 60.0
 # As long as torch's default process-group timeout: a rank that stops answering fails its peers.
 RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
 
 _RANK_HEADER = struct.Struct("!i")
+_TOKEN_BYTES = 16
 _meshes: weakref.WeakKeyDictionary[Any, _Mesh] = weakref.WeakKeyDictionary()
 
 
@@ -85,46 +88,74 @@ def _advertised_host() -> str:
 
 
 class _Mesh:
-    """One TCP connection to every other rank of a process group."""
+    """One TCP connection to every other rank of a process group.
+
+    Each rank listens on its advertised address only; a connecting rank sends the listener's
+    random token (handed out through the process group, like the address) and its own rank.
+    Anything else that connects meanwhile (a port scanner, a stale peer) is dropped, so it can
+    neither take a rank's place nor feed numbers into the statistics."""
 
     def __init__(self, group: Any) -> None:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        with socket.create_server(("", 0), backlog=self.size) as listener:
-            listener.settimeout(CONNECT_TIMEOUT_S)
+        host = _advertised_host()
+        try:
+            listener = socket.create_server((host, 0), backlog=self.size)
+        except OSError:  # an address this machine cannot bind (NAT): listen everywhere
+            listener = socket.create_server(("", 0), backlog=self.size)
+        with listener:
+            token = secrets.token_bytes(_TOKEN_BYTES)
             addresses: list[Any] = [None] * self.size
-            mine = (_advertised_host(), listener.getsockname()[1])
-            dist.all_gather_object(addresses, mine, group=group)
-            self.peers: dict[int, socket.socket] = {}
+            dist.all_gather_object(addresses, (host, listener.getsockname()[1], token), group=group)
             # Lower ranks listen, higher ranks connect: every pair gets exactly one connection.
-            for peer in range(self.rank):
-                host, port = addresses[peer]
-                try:
-                    conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
-                except OSError as error:
-                    raise RuntimeError(
-                        f"sync batch norm: rank {self.rank} cannot connect to rank {peer} at "
-                        f"{host}:{port} ({error}); open the ranks' ephemeral ports to each other "
-                        f"or set {EXCHANGE_ENV}=process_group"
-                    ) from error
-                conn.sendall(_RANK_HEADER.pack(self.rank))
-                self.peers[peer] = conn
-            for _ in range(self.rank + 1, self.size):
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError as error:
-                    raise RuntimeError(
-                        f"sync batch norm: rank {self.rank} waited {CONNECT_TIMEOUT_S:.0f} s for "
-                        f"higher ranks to connect to {mine[0]}:{mine[1]}; set "
-                        f"{EXCHANGE_ENV}=process_group if they cannot reach it"
-                    ) from error
-                conn.settimeout(CONNECT_TIMEOUT_S)
-                (peer,) = _RANK_HEADER.unpack(self._receive(conn, _RANK_HEADER.size, "?"))
-                self.peers[peer] = conn
+            self.peers = {peer: self._connect(peer, *addresses[peer]) for peer in range(self.rank)}
+            self.peers.update(self._accept(listener, token))
         for conn in self.peers.values():
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(RECEIVE_TIMEOUT_S)
         self._finalizer = weakref.finalize(self, _close_all, list(self.peers.values()))
+
+    def _connect(self, peer: int, host: str, port: int, token: bytes) -> socket.socket:
+        try:
+            conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+            conn.sendall(token + _RANK_HEADER.pack(self.rank))
+        except OSError as error:
+            raise RuntimeError(
+                f"sync batch norm: rank {self.rank} cannot connect to rank {peer} at "
+                f"{host}:{port} ({error}); open the ranks' ephemeral ports to each other "
+                f"or set {EXCHANGE_ENV}=process_group"
+            ) from error
+        return conn
+
+    def _accept(self, listener: socket.socket, token: bytes) -> dict[int, socket.socket]:
+        expected = set(range(self.rank + 1, self.size))
+        accepted: dict[int, socket.socket] = {}
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while expected - accepted.keys():
+            listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError as error:
+                missing = ", ".join(str(r) for r in sorted(expected - accepted.keys()))
+                raise RuntimeError(
+                    f"sync batch norm: rank {self.rank} waited {CONNECT_TIMEOUT_S:.0f} s for "
+                    f"rank(s) {missing} to connect to {listener.getsockname()}; set "
+                    f"{EXCHANGE_ENV}=process_group if they cannot reach it"
+                ) from error
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                hello = self._receive(conn, _TOKEN_BYTES + _RANK_HEADER.size, "?")
+            except RuntimeError:
+                conn.close()
+                continue
+            (peer,) = _RANK_HEADER.unpack(hello[_TOKEN_BYTES:])
+            if not secrets.compare_digest(bytes(hello[:_TOKEN_BYTES]), token) or (
+                peer not in expected or peer in accepted
+            ):
+                conn.close()
+                continue
+            accepted[peer] = conn
+        return accepted
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         flat = tensor.detach().contiguous().view(-1)

@@ -1,8 +1,11 @@
-"""gan.nn.stats_exchange across three gloo processes: sums, fallbacks and a lost peer."""
+"""gan.nn.stats_exchange across three gloo processes: sums, strangers at set-up, fallbacks and a
+lost peer."""
 
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +28,23 @@ def _contribution(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(numel, generator=g, dtype=torch.float64).mul(10.0 ** (4 * rank)).to(dtype)
 
 
+def _knock_before_connecting() -> None:
+    """While the mesh is set up, strangers reach rank 0's listener first: one with a wrong token
+    claiming to be rank 2, one that hangs up half-way through its hello."""
+    real_gather = dist.all_gather_object
+
+    def gather_then_knock(addresses: list[Any], mine: Any, group: Any = None) -> None:
+        real_gather(addresses, mine, group=group)
+        host, port, token = addresses[0]
+        with socket.create_connection((host, port)) as stranger:
+            stranger.sendall(bytes(len(token)) + struct.pack("!i", 2))
+        with socket.create_connection((host, port)) as stranger:
+            stranger.sendall(token[:3])
+        dist.all_gather_object = real_gather
+
+    dist.all_gather_object = gather_then_knock
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
@@ -43,6 +63,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             return real_all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
+        if rank == 2:
+            _knock_before_connecting()
         results: dict[str, Any] = {}
         for dtype in (torch.float32, torch.float64):
             t = _contribution(rank, 257, dtype)
