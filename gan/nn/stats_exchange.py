@@ -1,12 +1,12 @@
 """Sums of small CPU tensors across the ranks of a process group, over direct TCP connections.
 
 Synchronized batch norm on CPU makes two tiny all-reduces per layer and step (a few hundred
-numbers each). Through gloo each one costs 1 to 2 ms on an oversubscribed CPU, where a plain
-socket round trip costs 15 to 70 microseconds (docs/benchmarks.md): gloo hands every collective
-to a worker thread, and its receive thread spins on a message that arrives before the receive is
-posted, taking a core from the rank that is still computing. Here the calling thread writes to
-and reads from one connection per peer itself, and the kernel keeps an early message in the
-socket buffer until it is read.
+numbers each). Through gloo each one took 0.6 to 2.7 ms between two processes on 2 cores, over a
+direct connection 0.07 to 0.14 ms (bench/allreduce_latency.py, docs/benchmarks.md): gloo hands
+every collective to a worker thread, and its receive thread spins on a message that arrives
+before the receive is posted, taking a core from the rank that is still computing. Here the
+calling thread writes to and reads from one connection per peer itself, and the kernel keeps an
+early message in the socket buffer until it is read.
 
 Each rank sums the same tensors in rank order, so every rank gets bit-identical results, as the
 statistics of synchronized batch norm require. The connections are made on first use in a group
