@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned_ranks import run_ranks
 
 from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_EXCHANGE_BYTES, all_reduce_sum
 
 WORLD_SIZE = 3
-JOIN_TIMEOUT_S = 120.0
 
 
 def _contribution(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -106,24 +105,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("exchange")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)))
-        for rank in range(WORLD_SIZE)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    assert not hung, f"workers did not finish in {JOIN_TIMEOUT_S}s\n{errors}"
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, f"worker failed:\n{errors}"
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("exchange"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned_ranks import run_ranks
 from torch import nn
 
 from gan.nn import sync_batchnorm
@@ -24,7 +24,6 @@ from gan.nn.stats_exchange import EXCHANGE_ENV, EXCHANGES
 from gan.nn.sync_batchnorm import SyncBatchNorm, convert_to_sync_batchnorm
 
 WORLD_SIZE = 2
-JOIN_TIMEOUT_S = 120.0
 # float64 makes the comparison independent of float32 summation order (a weight gradient sums
 # hundreds of products with cancellation); the "float32" scenario checks that path separately.
 ATOL = 1e-9
@@ -219,24 +218,7 @@ def dist_results(
 ) -> list[dict[str, Any]]:
     """Run all scenarios once in two gloo processes per exchange (the statistics over direct TCP
     connections, or through the process group); return each rank's results."""
-    tmp = tmp_path_factory.mktemp("sync_bn")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp), request.param))
-        for rank in range(WORLD_SIZE)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "\n".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    assert not hung, f"workers did not finish in {JOIN_TIMEOUT_S}s\n{errors}"
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, f"worker failed:\n{errors}"
-    results = [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    results = run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("sync_bn"), request.param)
     for r in results:
         r["exchange"] = request.param
     return results
