@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import loadavg, machine
+from harness import cpu_ticks, loadavg, machine
 
 from gan.nn.stats_exchange import EXCHANGE_ENV, all_reduce_sum
 
@@ -32,10 +32,8 @@ def thread_cpu_ticks() -> dict[str, int]:
     """User + system clock ticks of this process's threads, summed by thread name."""
     ticks: dict[str, int] = {}
     for tid in os.listdir("/proc/self/task"):
-        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
+        name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        ticks[name] = ticks.get(name, 0) + cpu_ticks(f"/proc/self/task/{tid}/stat")
     return ticks
 
 

@@ -152,6 +152,14 @@ def ray_train_workers() -> list[int]:
     return found
 
 
+def cpu_ticks(stat_file: str | Path) -> int:
+    """User + system clock ticks from a ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat``
+    file (the fields after the command name, which may itself hold spaces and parentheses)."""
+    stat = Path(stat_file).read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds (user + system) used so far by this process and each process below it, by
     name: Ray Train workers, Ray's other processes (raylet, GCS, dashboard, controller, ...),
@@ -160,9 +168,7 @@ def cpu_seconds() -> dict[str, float]:
     used: dict[str, float] = {}
     for pid in [os.getpid(), *descendants(os.getpid())]:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            seconds = (int(fields[11]) + int(fields[12])) / tick
+            seconds = cpu_ticks(f"/proc/{pid}/stat") / tick
             cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
             if pid == os.getpid():
                 name = "driver (this bench)"
