@@ -9,6 +9,8 @@
    time per forward+backward of ours against torch's own layer.
 2. Training throughput of one process: images/s of the DCGAN train step in float32 and in bf16
    autocast, at the default (16x16, width 32, batch 64) and at 64x64 (width 64, batch 256).
+3. (CUDA) ``gan.transfer.to_device`` queues a host-to-GPU copy behind the GPU's work, where a
+   plain ``.to()`` waits for that work to finish.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from torch import nn
 from gan.nn.models import Discriminator, Generator
 from gan.nn.sync_batchnorm import SyncBatchNorm
 from gan.step import train_step
+from gan.transfer import to_device
 
 
 def _variants(device: str) -> list[tuple[str, type[nn.Module]]]:
@@ -150,6 +154,30 @@ def throughput(
     return batch * steps / seconds
 
 
+def check_host_copies() -> None:
+    """How long the host waits in a copy of a noise batch queued behind 50 ms of GPU work."""
+    device = torch.device("cuda", 0)
+    noise = torch.randn(256, 100)
+
+    def host_ms(copy: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # about 50 ms of GPU clock cycles
+        started = time.perf_counter()
+        copied = copy(noise)
+        waited = (time.perf_counter() - started) * 1e3
+        if not torch.equal(copied.cpu(), noise):
+            raise AssertionError("the copy changed the values")
+        return waited
+
+    plain = host_ms(lambda t: t.to(device))
+    queued = host_ms(lambda t: to_device(t, device))
+    verdict = "queued" if queued < plain / 10 else "WAITED"
+    print(
+        f"host copy behind 50 ms of GPU work: .to() returned after {plain:.1f} ms, "
+        f"gan.transfer.to_device after {queued:.2f} ms ({verdict})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,6 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"torch {torch.__version__}, device {args.device} ({name}), {os.cpu_count()} CPUs")
+    if args.device.startswith("cuda"):
+        check_host_copies()
     check_syncbn(args.device)
     steps = 5 if args.quick else 200
     cases = [(16, 32, 64)] if args.quick else [(16, 32, 64), (64, 64, 256)]

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gan.transfer import to_device
+
 # Canonical order of application (DiffAugment's): colour first so that translation's padding and
 # the cutout stay exactly zero.
 AUGMENTATIONS = ("color", "translation", "cutout")
@@ -68,7 +70,8 @@ def _rand(shape: tuple[int, ...], rng: torch.Generator | None, like: torch.Tenso
     """U[0, 1) of ``like``'s dtype on ``like``'s device, drawn on the generator's own device."""
     if rng is None:
         return torch.rand(shape, device=like.device, dtype=like.dtype)
-    return torch.rand(shape, generator=rng, device=rng.device, dtype=like.dtype).to(like.device)
+    drawn = torch.rand(shape, generator=rng, device=rng.device, dtype=like.dtype)
+    return to_device(drawn, like.device)
 
 
 def _randint(
@@ -77,7 +80,7 @@ def _randint(
     """n integers in [low, high)."""
     if rng is None:
         return torch.randint(low, high, (n,), device=device)
-    return torch.randint(low, high, (n,), generator=rng, device=rng.device).to(device)
+    return to_device(torch.randint(low, high, (n,), generator=rng, device=rng.device), device)
 
 
 def _per_image(x: torch.Tensor) -> tuple[int, ...]:

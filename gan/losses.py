@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gan.transfer import to_device
+
 LOSSES = ("nonsaturating", "hinge", "wasserstein", "least_squares")
 
 DLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,7 +130,7 @@ def _uniform_per_sample(
     if rng is None:
         return torch.rand(shape, device=reference.device, dtype=reference.dtype)
     alpha = torch.rand(shape, generator=rng, device=rng.device, dtype=reference.dtype)
-    return alpha.to(reference.device)
+    return to_device(alpha, reference.device)
 
 
 def gradient_penalty(

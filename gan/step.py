@@ -19,6 +19,7 @@ from gan.losses import (
     r1_from_logits,
 )
 from gan.nn.normalization import frozen_bn_stats, recompute_bn_statistics
+from gan.transfer import to_device
 
 
 def _zero() -> torch.Tensor:
@@ -77,7 +78,7 @@ def _noise(
     generator cannot draw CUDA tensors directly)."""
     if rng is None:
         return torch.randn(batch, latent_dim, device=device)
-    return torch.randn(batch, latent_dim, generator=rng, device=rng.device).to(device)
+    return to_device(torch.randn(batch, latent_dim, generator=rng, device=rng.device), device)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def train_step(
         if rng is None:
             return torch.randint(0, num_classes, (real.shape[0],), device=real.device)
         drawn = torch.randint(0, num_classes, (real.shape[0],), generator=rng, device=rng.device)
-        return drawn.to(real.device)
+        return to_device(drawn, real.device)
 
     def precision() -> AbstractContextManager:
         if autocast_dtype is None:
