@@ -82,11 +82,11 @@ def _config(model: str, extra: list[str], device: str) -> Config:
     return load_config(None, ["train.workers=1", *gpu, *MODELS[model], *extra])
 
 
-def _host_data(config: Config) -> torch.Tensor:
+def host_data(config: Config, channels: int = CHANNELS) -> torch.Tensor:
     """Images in [-1, 1] in host memory, as a worker holds its shards."""
     side = config.data.resolution
     rng = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (IMAGES, CHANNELS, side, side), generator=rng)
+    pixels = torch.randint(0, 256, (IMAGES, channels, side, side), generator=rng)
     return pixels.float().div_(127.5).sub_(1.0)
 
 
@@ -95,9 +95,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _bare(config: Config, data: torch.Tensor, device: torch.device) -> Callable[[int], None]:
+def bare_loop(config: Config, data: torch.Tensor, device: torch.device) -> Callable[[int], None]:
     torch.manual_seed(config.train.seed)
-    g, d = build_models(config, CHANNELS)
+    g, d = build_models(config, data.shape[1])
     g.to(device)
     d.to(device)
     o = config.optim
@@ -114,10 +114,10 @@ def _bare(config: Config, data: torch.Tensor, device: torch.device) -> Callable[
     return step
 
 
-def _ganpipe(
+def ganpipe_loop(
     config: Config, data: torch.Tensor, device: torch.device, ddp: bool = False
 ) -> Callable[[int], None]:
-    state = TrainingState(config, channels=CHANNELS, device=device)
+    state = TrainingState(config, channels=data.shape[1], device=device)
     generator, discriminator = state.generator, state.discriminator
     if ddp:
         from pipelines.train import _ddp
@@ -139,7 +139,7 @@ def _ganpipe(
     return step
 
 
-def _images_per_s(
+def images_per_s(
     step: Callable[[int], None], batch: int, device: torch.device, warmup: int, steps: int
 ) -> tuple[float, float]:
     """(images/s, seconds of the warm-up, which holds torch.compile's compilation)."""
@@ -162,9 +162,13 @@ def _nccl_check(model: str, device: torch.device, warmup: int, steps: int) -> st
     )
     try:
         config = _config(model, ["model.g_norm=sync_batch"], "cuda")
-        data = _host_data(config)
-        rate, _ = _images_per_s(
-            _ganpipe(config, data, device, ddp=True), config.train.batch_size, device, warmup, steps
+        data = host_data(config)
+        rate, _ = images_per_s(
+            ganpipe_loop(config, data, device, ddp=True),
+            config.train.batch_size,
+            device,
+            warmup,
+            steps,
         )
         tensor = torch.ones(4, device=device)
         dist.all_reduce(tensor)
@@ -201,7 +205,7 @@ def main() -> None:
         chosen = [v for v in chosen if "perf.pin_memory=true" not in VARIANTS[v]]
     for model in args.model.split(","):
         config = _config(model, [], args.device)
-        data = _host_data(config)
+        data = host_data(config)
         print(f"\n{model}: batch {config.train.batch_size}, {args.steps} timed steps", flush=True)
         rates: dict[str, list[float]] = {}
         for round_index in range(args.rounds):
@@ -215,11 +219,11 @@ def main() -> None:
                     inductor_config.layout_optimization = variant != "+ compile, no NHWC"
                 try:
                     step = (
-                        _bare(config, data, device)
+                        bare_loop(config, data, device)
                         if variant == "bare"
-                        else _ganpipe(config, data, device)
+                        else ganpipe_loop(config, data, device)
                     )
-                    rate, warm = _images_per_s(
+                    rate, warm = images_per_s(
                         step, config.train.batch_size, device, args.warmup, args.steps
                     )
                 except Exception as exc:  # one broken option must not hide the others' figures
