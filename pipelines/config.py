@@ -214,8 +214,9 @@ class PerfConfig:
         False,
     )
     pin_memory: bool = doc(
-        "copy batches to the GPU through pinned host memory, without blocking (needs "
-        "train.use_gpu)",
+        "copy batches to the GPU through two pinned buffers of the worker's own (needs "
+        "train.use_gpu); without it they go through torch's caching host allocator, also "
+        "pinned and without blocking",
         False,
     )
 
