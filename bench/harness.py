@@ -251,10 +251,37 @@ def _reference_worker(
     torch.set_num_threads(1)
     if job["nice"]:
         os.nice(job["nice"])  # e.g. the niceness Ray gives its workers (15)
-    config = config_from_dict(job["config"])
-    t = config.train
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    result, cpu_s = _timed_reference_loop(rank, world, job)
+    Path(f"{out}.cpu{rank}").write_text(str(cpu_s))
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def ray_reference_loop(job: dict[str, Any]) -> None:  # pragma: no cover - in a Ray Train worker
+    """The reference loop as a Ray Train worker's function (Ray Train made the process group):
+    the same work as in ``run_reference``, in a Ray Train worker process instead of a bare one.
+    Rank 0 writes its figures to ``job["out"]`` (the bench runs on one machine)."""
+    import ray.train
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    result, cpu_s = _timed_reference_loop(context.get_world_rank(), world, job)
+    all_ranks = torch.tensor([cpu_s], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(all_ranks)
+    if context.get_world_rank() == 0:
+        Path(job["out"]).write_text(json.dumps({**result, "cpu_s_all_ranks": float(all_ranks)}))
+
+
+def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[dict, float]:
+    """Warm-up, then ``job["steps"]`` timed steps; rank 0's figures and this rank's CPU time."""
+    config = config_from_dict(job["config"])
+    t = config.train
     shape = tuple(job["shape"])
     own = concat([read_shard(p, shape) for p in job["shards"][rank::world]])
     data, labels = to_model_range(own.images), torch.from_numpy(own.labels)
@@ -315,21 +342,30 @@ def _reference_worker(
     barrier()
     elapsed = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
-    Path(f"{out}.cpu{rank}").write_text(str(cpu_s))
-    if rank == 0:
-        result = {
-            # Below 1.0: rank 0 waited (for the other rank, or for a core others were using).
-            "cpu_busy": cpu_s / elapsed,
-            "elapsed_s": elapsed,
-            "images_per_s": t.batch_size * job["steps"] / elapsed,
-            "load_start": load_start,
-            "load_end": loadavg(),
-        }
-        if counts is not None:
-            result["all_reduces_per_step"] = counts["calls"] / job["steps"]
-        Path(out).write_text(json.dumps(result))
-    if world > 1:
-        dist.destroy_process_group()
+    result = {
+        # Below 1.0: rank 0 waited (for the other rank, or for a core others were using).
+        "cpu_busy": cpu_s / elapsed,
+        "elapsed_s": elapsed,
+        "images_per_s": t.batch_size * job["steps"] / elapsed,
+        "load_start": load_start,
+        "load_end": loadavg(),
+    }
+    if counts is not None:
+        result["all_reduces_per_step"] = counts["calls"] / job["steps"]
+    return result, cpu_s
+
+
+def _reference_job(
+    config: Config, dataset: Dataset, mode: str, steps: int, warmup: int
+) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "shards": dataset.shards,
+        "shape": list(dataset.shape),
+        "mode": mode,
+        "steps": steps,
+        "warmup": warmup,
+    }
 
 
 def run_reference(
@@ -347,17 +383,8 @@ def run_reference(
     each at niceness ``nice``; returns rank 0's figures (images/s over the global batch, the
     share of a core rank 0 used, load averages)."""
     world = config.train.workers
-    job = {
-        "config": config.to_dict(),
-        "shards": dataset.shards,
-        "shape": list(dataset.shape),
-        "mode": mode,
-        "steps": steps,
-        "warmup": warmup,
-        "count_all_reduces": count_all_reduces,
-        "profile": profile,
-        "nice": nice,
-    }
+    job = _reference_job(config, dataset, mode, steps, warmup)
+    job.update(count_all_reduces=count_all_reduces, profile=profile, nice=nice)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.start_processes(
@@ -373,3 +400,31 @@ def run_reference(
         cpu_s = sum(float(Path(f"{out}.cpu{rank}").read_text()) for rank in range(world))
         result["images_per_cpu_s"] = config.train.batch_size * steps / cpu_s
         return result
+
+
+def run_ray_reference(
+    config: Config, dataset: Dataset, storage: str, *, mode: str = "bare", steps: int, warmup: int
+) -> dict[str, Any]:
+    """``run_reference``'s loop in Ray Train workers (``TorchTrainer``, gloo, the same CPUs per
+    worker as the pipeline asks for): what being a Ray Train worker costs the same work, without
+    the pipeline's worker loop, reports or checkpoints. Rank 0's figures."""
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = config.train
+    out = Path(storage) / f"reference-{time.time_ns()}.json"
+    trainer = TorchTrainer(
+        ray_reference_loop,
+        train_loop_config={**_reference_job(config, dataset, mode, steps, warmup), "out": str(out)},
+        scaling_config=ScalingConfig(
+            num_workers=t.workers, resources_per_worker={"CPU": t.threads_per_worker}
+        ),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(
+            name=out.stem, storage_path=storage, logging_config=LoggingConfig(log_level="WARNING")
+        ),
+    )
+    trainer.fit()
+    result = json.loads(out.read_text())
+    result["images_per_cpu_s"] = t.batch_size * steps / result.pop("cpu_s_all_ranks")
+    return result

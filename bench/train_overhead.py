@@ -17,6 +17,10 @@ off; bench/memory.py runs the default with it), global batch 64, one torch threa
   ``torch.multiprocessing`` processes (DDP and sync batch norm with 2).
 * ``state``: ``TrainingState.step`` in the same processes: what the pipeline's step adds
   (figures, gradient norms, schedules), without Ray.
+* ``ray-bare``, ``ray-state``: the ``bare`` or ``state`` loop in Ray Train workers
+  (``TorchTrainer``, gloo) instead of processes of their own, timed inside the workers: what
+  being a Ray Train worker costs the same work, without the pipeline's worker loop, reports or
+  checkpoints.
 
 The bare/state processes run at the niceness Ray gives its workers (15; ``--reference-nice``):
 when other programs want the CPU, a Ray Train worker yields to them, and so should the reference.
@@ -41,6 +45,7 @@ from harness import (
     loadavg,
     machine,
     median,
+    run_ray_reference,
     run_reference,
     write_dataset,
 )
@@ -98,7 +103,7 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
 def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
     """One line per run (two for Ray: where the CPU went)."""
     line = (
-        f"{workers} worker(s) round {repeat} {variant:5s}: {r['images_per_s']:7.0f} images/s, "
+        f"{workers} worker(s) round {repeat} {variant:8s}: {r['images_per_s']:7.0f} images/s, "
         f"{r['images_per_cpu_s']:6.0f} images per CPU-second"
     )
     if variant == "ray":
@@ -121,7 +126,9 @@ def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    parser.add_argument("--variants", default="ray,bare", help="ray, bare, state")
+    parser.add_argument(
+        "--variants", default="ray,bare", help="ray, bare, state, ray-bare, ray-state"
+    )
     parser.add_argument("--steps", type=int, default=600, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=100, help="steps left out of the rate")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per worker count")
@@ -170,6 +177,15 @@ def main() -> None:
                     if variant == "ray":
                         name = f"w{workers}-r{repeat}"
                         results[variant] = run_ray(config, dataset, tmp, name, args.warmup)
+                    elif variant in ("ray-bare", "ray-state"):
+                        results[variant] = run_ray_reference(
+                            config,
+                            dataset,
+                            tmp,
+                            mode=variant.removeprefix("ray-"),
+                            steps=args.steps - args.warmup,
+                            warmup=args.warmup,
+                        )
                     else:
                         results[variant] = run_reference(
                             config,
