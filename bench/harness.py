@@ -23,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,12 +161,12 @@ def cpu_ticks(stat_file: str | Path) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def cpu_seconds() -> dict[str, float]:
+def cpu_seconds() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) used so far by this process and each process below it, by
-    name: Ray Train workers, Ray's other processes (raylet, GCS, dashboard, controller, ...),
-    and this driver; what the Ray machinery costs beside the training is their difference."""
+    PID with the kind of each: Ray Train workers, Ray's other processes (raylet, GCS,
+    dashboard, controller, ...), and this driver. ``cores_between`` turns two into figures."""
     tick = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = {}
+    used: dict[int, tuple[str, float]] = {}
     for pid in [os.getpid(), *descendants(os.getpid())]:
         with contextlib.suppress(OSError, ValueError, IndexError):
             seconds = cpu_ticks(f"/proc/{pid}/stat") / tick
@@ -176,8 +177,22 @@ def cpu_seconds() -> dict[str, float]:
                 name = "Ray Train workers"
             else:
                 name = _ray_process_name(cmdline)
-            used[name] = used.get(name, 0.0) + seconds
+            used[pid] = (name, seconds)
     return used
+
+
+def cores_between(
+    begin: dict[int, tuple[str, float]], end: dict[int, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """CPU used per second between two ``cpu_seconds()`` snapshots, by process kind (1.0 = one
+    core busy); what the Ray machinery costs beside the training is the kinds' difference.
+    Each process counts under its kind at the end: a Ray worker process takes a new title when
+    it becomes an actor, and its CPU must not move from one kind to another with it."""
+    cores: dict[str, float] = {}
+    for pid, (kind, used) in end.items():
+        before = begin.get(pid, (kind, 0.0))[1]
+        cores[kind] = cores.get(kind, 0.0) + (used - before) / seconds
+    return cores
 
 
 def _ray_process_name(cmdline: str) -> str:
@@ -324,6 +339,9 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     if counts is not None:
         counts["calls"] = 0
     load_start = loadavg()
+    marker = job.get("window_marker") if rank == 0 else None
+    if marker:  # for the driver's CPU snapshots of the timed window
+        Path(f"{marker}.start").touch()
     started, cpu_started = time.perf_counter(), time.process_time()
     profile = job.get("profile")
     if profile and rank == 0:
@@ -342,6 +360,8 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     barrier()
     elapsed = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
+    if marker:
+        Path(f"{marker}.end").touch()
     result = {
         # Below 1.0: rank 0 waited (for the other rank, or for a core others were using).
         "cpu_busy": cpu_s / elapsed,
@@ -413,9 +433,12 @@ def run_ray_reference(
 
     t = config.train
     out = Path(storage) / f"reference-{time.time_ns()}.json"
+    job = _reference_job(config, dataset, mode, steps, warmup)
+    job.update(out=str(out), window_marker=str(out.with_suffix("")))
+    window = _WindowCpu(str(out.with_suffix("")))
     trainer = TorchTrainer(
         ray_reference_loop,
-        train_loop_config={**_reference_job(config, dataset, mode, steps, warmup), "out": str(out)},
+        train_loop_config=job,
         scaling_config=ScalingConfig(
             num_workers=t.workers, resources_per_worker={"CPU": t.threads_per_worker}
         ),
@@ -424,7 +447,31 @@ def run_ray_reference(
             name=out.stem, storage_path=storage, logging_config=LoggingConfig(log_level="WARNING")
         ),
     )
+    window.start()
     trainer.fit()
+    window.join(timeout=10)
     result = json.loads(out.read_text())
     result["images_per_cpu_s"] = t.batch_size * steps / result.pop("cpu_s_all_ranks")
+    result["cores"] = window.cores()
     return result
+
+
+class _WindowCpu(threading.Thread):
+    """Snapshots ``cpu_seconds()`` when rank 0 marks the start and the end of its timed window
+    (files ``MARKER.start`` and ``MARKER.end``), polling every 20 ms."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(daemon=True)
+        self.marker = marker
+        self.snapshots: list[tuple[float, dict[int, tuple[str, float]]]] = []
+
+    def run(self) -> None:
+        for suffix in (".start", ".end"):
+            while not Path(self.marker + suffix).exists():
+                time.sleep(0.02)
+            self.snapshots.append((time.perf_counter(), cpu_seconds()))
+
+    def cores(self) -> dict[str, float]:
+        """CPU used per second of the window, by process kind (1.0 = one core busy)."""
+        (t0, begin), (t1, end) = self.snapshots
+        return cores_between(begin, end, t1 - t0)

@@ -41,6 +41,7 @@ from typing import Any
 from harness import (
     RAY_WORKER_NICENESS,
     Dataset,
+    cores_between,
     cpu_seconds,
     loadavg,
     machine,
@@ -58,7 +59,7 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
     from pipelines.train import run_training
 
     reports: list[tuple[float, int, float]] = []
-    cpu: list[dict[str, float]] = []  # CPU seconds by process kind at the steady window's ends
+    cpu: list[dict[int, tuple[str, float]]] = []  # cpu_seconds() at the steady window's ends
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         reports.append((time.perf_counter(), int(metrics["step"]), metrics["images_per_s"]))
@@ -86,7 +87,7 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
     rate = (s1 - s0) * batch / (t1 - t0)
     first_t, first_step, _ = reports[0]
     # CPU used per second of the steady window, by process kind (1.0 = one core busy).
-    cores = {k: (cpu[1].get(k, 0.0) - v) / (t1 - t0) for k, v in cpu[0].items()}
+    cores = cores_between(cpu[0], cpu[1], t1 - t0)
     return {
         "cores": cores,
         "images_per_cpu_s": rate / cores["Ray Train workers"],
@@ -115,7 +116,7 @@ def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
     else:
         line += f" (rank 0 busy {r['cpu_busy']:.2f} of a core)"
     line += f"  load {r['load_start']} -> {r['load_end']}"
-    if variant == "ray":
+    if "cores" in r:
         used = sorted(r["cores"].items(), key=lambda kv: -kv[1])
         line += "\n    cores used in the steady window: " + ", ".join(
             f"{k} {v:.2f}" for k, v in used if v >= 0.005
@@ -217,15 +218,17 @@ def main() -> None:
         if "ray" in variants:
             startup = median([r["ray"]["startup_s"] for r in rounds])
             first = median([r["ray"]["first_report_s"] for r in rounds])
+            print(f"{workers:7d} ray: start-up {startup:.1f} s (first report after {first:.1f} s)")
+        for variant in [v for v in variants if v.startswith("ray")]:
             others = median(
                 [
-                    sum(v for k, v in r["ray"]["cores"].items() if k != "Ray Train workers")
+                    sum(v for k, v in r[variant]["cores"].items() if k != "Ray Train workers")
                     for r in rounds
                 ]
             )
             print(
-                f"{workers:7d} ray: start-up {startup:.1f} s (first report after {first:.1f} s); "
-                f"Ray's other processes and the driver used {others:.2f} cores while training"
+                f"{workers:7d} {variant}: Ray's other processes and the driver used {others:.2f} "
+                "cores while training"
             )
     by_workers = dict(summary)
     if 1 in by_workers and 2 in by_workers:
