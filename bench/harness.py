@@ -284,12 +284,12 @@ def ray_reference_loop(job: dict[str, Any]) -> None:  # pragma: no cover - in a 
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
-    world = context.get_world_size()
-    result, cpu_s = _timed_reference_loop(context.get_world_rank(), world, job)
+    rank, world = context.get_world_rank(), context.get_world_size()
+    result, cpu_s = _timed_reference_loop(rank, world, job)
     all_ranks = torch.tensor([cpu_s], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(all_ranks)
-    if context.get_world_rank() == 0:
+    if rank == 0:
         Path(job["out"]).write_text(json.dumps({**result, "cpu_s_all_ranks": float(all_ranks)}))
 
 
@@ -376,7 +376,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
 
 
 def _reference_job(
-    config: Config, dataset: Dataset, mode: str, steps: int, warmup: int
+    config: Config, dataset: Dataset, mode: str, steps: int, warmup: int, **extra: Any
 ) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -385,6 +385,7 @@ def _reference_job(
         "mode": mode,
         "steps": steps,
         "warmup": warmup,
+        **extra,
     }
 
 
@@ -403,8 +404,16 @@ def run_reference(
     each at niceness ``nice``; returns rank 0's figures (images/s over the global batch, the
     share of a core rank 0 used, load averages)."""
     world = config.train.workers
-    job = _reference_job(config, dataset, mode, steps, warmup)
-    job.update(count_all_reduces=count_all_reduces, profile=profile, nice=nice)
+    job = _reference_job(
+        config,
+        dataset,
+        mode,
+        steps,
+        warmup,
+        count_all_reduces=count_all_reduces,
+        profile=profile,
+        nice=nice,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
         mp.start_processes(
@@ -433,12 +442,13 @@ def run_ray_reference(
 
     t = config.train
     out = Path(storage) / f"reference-{time.time_ns()}.json"
-    job = _reference_job(config, dataset, mode, steps, warmup)
-    job.update(out=str(out), window_marker=str(out.with_suffix("")))
-    window = _WindowCpu(str(out.with_suffix("")))
+    marker = str(out.with_suffix(""))
+    window = _WindowCpu(marker)
     trainer = TorchTrainer(
         ray_reference_loop,
-        train_loop_config=job,
+        train_loop_config=_reference_job(
+            config, dataset, mode, steps, warmup, out=str(out), window_marker=marker
+        ),
         scaling_config=ScalingConfig(
             num_workers=t.workers, resources_per_worker={"CPU": t.threads_per_worker}
         ),
