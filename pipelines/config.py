@@ -169,6 +169,12 @@ class TrainConfig:
     batch_size: int = doc("global batch; each worker takes batch_size / workers", 64)
     threads_per_worker: int = doc("torch intra-op threads in each worker", 1)
     report_every: int = doc("steps between metric reports (and MLflow points)", 50)
+    report_seconds: float = doc(
+        "the workers hand their reports to Ray Train at most this often, all windows since "
+        "the last one together (each hand-over stops every worker), and also at the first "
+        "report, every checkpoint and the end; 0: each report on its own",
+        5.0,
+    )
     checkpoint_every: int = doc("steps between checkpoints written through Ray Train", 500)
     seed: int = doc("seed of weights and noise", 0)
     eval_every: int = doc(
@@ -617,6 +623,7 @@ def validate(c: Config) -> None:
     _require(t.threads_per_worker >= 1, "train.threads_per_worker must be >= 1")
     _require(t.report_every >= 1, "train.report_every must be >= 1")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
+    _require(t.report_seconds >= 0, f"train.report_seconds must be >= 0, got {t.report_seconds}")
     _require(t.max_failures >= -1, f"train.max_failures must be >= -1, got {t.max_failures}")
     _require(t.nan_rollbacks >= 0, f"train.nan_rollbacks must be >= 0, got {t.nan_rollbacks}")
     _require(

@@ -2,8 +2,13 @@
 
 The driver runs ``TorchTrainer.fit()`` in a background thread. A Train V2 ``UserCallback`` (run in
 the Train controller) forwards every report, with its checkpoint path, through a Ray queue to the
-driver's main thread, which hands it to ``on_report`` (MLflow logging, progress lines). The same
-route lets a Tune trial see real checkpoints later.
+driver's main thread, which hands each window of figures in it to ``on_report`` (MLflow logging,
+progress lines). The same route gives a Tune trial real checkpoints.
+
+The workers average their figures every ``train.report_every`` steps (a window) but hand them to
+Ray Train at most every ``train.report_seconds``, several windows in one report: each report
+stops every worker until Ray Train's controller has taken it, which cost 2-worker CPU training
+a tenth of its speed at one report per window (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from pipelines.seeds import PROBE_SEED
 CHECKPOINT_OWNER = "owner.json"
 # The last report of a run that gave up after train.nan_rollbacks rollbacks carries the reason.
 DIVERGED = "diverged"
+# A Ray Train report carries the figures of every report_every-step window since the previous
+# one (train.report_seconds), under this key; the driver hands them on one by one.
+WINDOWS = "windows"
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
 
@@ -188,8 +196,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if world > 1:
         generator, discriminator = _ddp(generator), _ddp(discriminator)
 
-    def report(done: int, metrics: dict[str, Any]) -> None:
-        """Adds the evaluation distance when due, and a checkpoint when due."""
+    # Windows of report_every steps wait here for the next hand-over to Ray Train (hand_over).
+    pending: list[dict[str, Any]] = []
+
+    def hand_over(**checkpoint: Any) -> None:
+        """One ``ray.train.report`` with every pending window. Every worker must call it at the
+        same window: a report waits for all of them."""
+        ray.train.report({"step": pending[-1]["step"], WINDOWS: list(pending)}, **checkpoint)
+        pending.clear()
+
+    def report(done: int, metrics: dict[str, Any], hand_over_now: bool) -> None:
+        """Queues the window's figures, with the evaluation distance when due; hands them over
+        when ``hand_over_now``, and always with a checkpoint when one is due."""
         metrics.update(restored)
         restored.clear()
         if guard.rollbacks:
@@ -202,8 +220,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["sample_grid_png"] = _png_base64(samples[: config.eval.grid_size])
             metrics["eval_distance"] = _broadcast_from_rank0(distance, world, device)
             state.report_plateau(metrics["eval_distance"])
+        pending.append(metrics)
         if done % t.checkpoint_every and done != t.steps:
-            ray.train.report(metrics)
+            if hand_over_now:
+                hand_over()
             return
         worker_rngs = _gather(state.rng.get_state(), world)
         # Every worker keeps this healthy state locally: a divergence rolls back to it.
@@ -213,8 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 guard.copy_snapshot(tmp)
                 owner = {"owner": loop_config.get("owner", ""), "step": done}
                 (Path(tmp) / CHECKPOINT_OWNER).write_text(json.dumps(owner))
-            ray.train.report(
-                metrics,
+            hand_over(
                 checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                 checkpoint_dir_name=f"checkpoint_{done:08d}",
             )
@@ -224,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return on and (done % t.eval_every == 0 or done == t.steps)
 
     if restored and start >= t.steps:  # another run's final state: report it as this run's
-        report(start, {"step": start, **state.rates()})
+        report(start, {"step": start, **state.rates()}, hand_over_now=True)
         guard.close()
         return
 
@@ -236,6 +255,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # wait for every GPU step to finish before queueing the next one.
     sums = torch.zeros(len(StepStats.FIGURES), device=device)
     window_start, window_steps = time.perf_counter(), 0
+    handed_over_at = -float("inf")  # rank 0's clock: the first window goes at once
     next_step = start
     while next_step < t.steps:
         step, next_step = next_step, next_step + 1
@@ -250,8 +270,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         done = step + 1
         if done % t.report_every and done != t.steps:
             continue
-        means = _mean_across_workers(sums / window_steps).cpu()
+        # Rank 0's clock decides for all workers when to hand over (a report waits for every
+        # worker), its vote riding in the all-reduce of the window's figures: world or 0.
+        due = rank == 0 and time.perf_counter() - handed_over_at >= t.report_seconds
+        vote = torch.tensor([float(world) if due else 0.0], device=device)
+        reduced = _mean_across_workers(torch.cat([sums / window_steps, vote])).cpu()
+        means, hand_over_now = reduced[:-1], bool(reduced[-1] > 0.5)
         if not guard.healthy(means, _mean_across_workers):
+            if pending:  # the windows before this one were healthy: the driver logs them
+                hand_over()
             sums.zero_()
             window_start, window_steps = time.perf_counter(), 0
             try:
@@ -287,7 +314,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **state.rates(),
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
         }
-        report(done, metrics)
+        report(done, metrics, hand_over_now)
+        if not pending:
+            handed_over_at = time.perf_counter()
         sums.zero_()
         window_start, window_steps = time.perf_counter(), 0
     guard.close()
@@ -317,7 +346,10 @@ def _storage_refusal(error: BaseException) -> str | None:
 @dataclass
 class TrainingResult:
     checkpoint_path: str
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # one entry per report_every-step window, in step order
+    # One per Ray Train report (several windows each, train.report_seconds): when the driver
+    # took it (time.perf_counter()) and its last window's step.
+    report_arrivals: list[tuple[float, int]]
 
 
 def run_training(
@@ -335,6 +367,10 @@ def run_training(
     already_reported: int = 0,
 ) -> TrainingResult:
     """Train with ``config.train.workers`` Ray Train workers; return the final checkpoint.
+
+    ``on_report(metrics, checkpoint)`` is called once per window of ``train.report_every``
+    steps, in step order, in bursts of the windows that one Ray Train report carried
+    (``train.report_seconds``); ``checkpoint`` is set on the window whose step it holds.
 
     ``probe`` (``{"classifier": folder of fit_features, "holdout": [shard paths]}``) turns on the
     evaluation distance every ``train.eval_every`` steps: reported as ``eval_distance`` with a
@@ -366,12 +402,12 @@ def run_training(
     from ray.util.queue import Queue
 
     # No CPU: inside a Tune trial it lands in the trial's placement group, which holds almost none.
-    reports: Queue = Queue(actor_options={"num_cpus": 0})
+    report_queue: Queue = Queue(actor_options={"num_cpus": 0})
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
             path = storage.to_uri(checkpoint.filesystem, checkpoint.path) if checkpoint else None
-            reports.put((metrics[0], path))
+            report_queue.put((metrics[0], path))
 
     t = config.train
     # On S3, Ray Train gets the file system itself (endpoint from the config, credentials from
@@ -419,23 +455,27 @@ def run_training(
     thread.start()
     history: list[dict[str, Any]] = []
     last_step, diverged, last_checkpoint = already_reported, None, None
-    while thread.is_alive() or not reports.empty():
+    report_arrivals: list[tuple[float, int]] = []
+    while thread.is_alive() or not report_queue.empty():
         try:
-            metrics, checkpoint_path = reports.get(timeout=0.5)
+            report, checkpoint_path = report_queue.get(timeout=0.5)
         except Exception:  # queue.Empty from the Ray queue actor
             continue
-        if DIVERGED in metrics:
-            diverged = metrics[DIVERGED]
-            continue
-        if metrics["step"] <= last_step:  # re-reported after a restart or a rollback
-            continue
-        last_step = metrics["step"]
-        last_checkpoint = checkpoint_path or last_checkpoint
-        history.append(metrics)
-        if on_report is not None:
-            on_report(metrics, checkpoint_path)
+        report_arrivals.append((time.perf_counter(), report["step"]))
+        diverged = report.get(DIVERGED, diverged)
+        windows = report.get(WINDOWS, [])
+        for index, metrics in enumerate(windows):
+            if metrics["step"] <= last_step:  # re-reported after a restart or a rollback
+                continue
+            # The checkpoint was taken at the last window's step.
+            checkpoint = checkpoint_path if index == len(windows) - 1 else None
+            last_step = metrics["step"]
+            last_checkpoint = checkpoint or last_checkpoint
+            history.append(metrics)
+            if on_report is not None:
+                on_report(metrics, checkpoint)
     thread.join()
-    reports.shutdown()
+    report_queue.shutdown()
     if diverged is not None:
         raise TrainingDiverged(diverged)
     error = outcome.get("error") or outcome["result"].error
@@ -452,4 +492,4 @@ def run_training(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     final = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path)
-    return TrainingResult(checkpoint_path=final, history=history)
+    return TrainingResult(checkpoint_path=final, history=history, report_arrivals=report_arrivals)
