@@ -8,8 +8,11 @@ rounds alternate (ABC, CBA, ...) three variants on the same card:
 
 * ``ray``: ``pipelines.train.run_training`` with ``train.use_gpu=true`` and one worker: Ray Train
   V2, an NCCL process group, DDP, the worker loop with its reports every ``train.report_every``
-  steps and checkpoints. Measured on the driver between the report at ``--warmup`` steps and the
-  last one (bench/train_overhead.py's ``run_ray``), so reports and checkpoints count.
+  steps, handed to Ray Train at most every ``train.report_seconds``, and checkpoints. Measured on
+  the driver between the first report past ``--warmup`` steps and the last one
+  (bench/train_overhead.py's ``run_ray``), so reports and checkpoints count.
+* ``ray-each`` (only with ``--variants``): ``ray`` with ``train.report_seconds=0``, one Ray Train
+  report per window.
 * ``step``: the pipeline's step (``TrainingState.step`` and the per-step bookkeeping of the
   worker loop) in this process, without Ray.
 * ``bare``: the bare loop of bench/gpu_speed.py (same networks, Adam and loss; nothing else).
@@ -21,6 +24,7 @@ same shape for the others: the content does not change the work.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -41,6 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=100, help="steps left out of the rate")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="ray,step,bare", help="ray, ray-each, step, bare")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
@@ -54,7 +59,10 @@ def main() -> None:
     started = time.perf_counter()
     init_ray()
     print(f"ray.init: {time.perf_counter() - started:.1f} s", flush=True)
-    variants = ["ray", "step", "bare"]
+    variants = args.variants.split(",")
+    for needed in ("step", "bare"):
+        if needed not in variants:
+            parser.error(f"--variants must include {needed}: the ratios are taken to it")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model.split(","):
             overrides = [
@@ -74,13 +82,17 @@ def main() -> None:
             for round_index in range(args.rounds):
                 order = variants if round_index % 2 == 0 else variants[::-1]
                 for variant in order:
-                    if variant == "ray":
-                        name = f"{model}-r{round_index}"
-                        result = run_ray(config, dataset, tmp, name, args.warmup)
+                    if variant in ("ray", "ray-each"):
+                        name = f"{model}-r{round_index}-{variant}"
+                        chosen = copy.deepcopy(config)
+                        if variant == "ray-each":
+                            chosen.train.report_seconds = 0.0
+                        result = run_ray(chosen, dataset, tmp, name, args.warmup)
                         rate = result["images_per_s"]
                         detail = (
-                            f"(workers' own figure {result['worker_images_per_s']:,.0f}; first "
-                            f"report after {result['first_report_s']:.1f} s)"
+                            f"(workers' own figure {result['worker_images_per_s']:,.0f}; "
+                            f"{result['reports']} Ray Train reports, the first after "
+                            f"{result['first_report_s']:.1f} s)"
                         )
                     else:
                         loop = bare_loop if variant == "bare" else ganpipe_loop
@@ -94,16 +106,18 @@ def main() -> None:
                         detail = f"(first {args.warmup} steps {warm:.1f} s)"
                     rates[variant].append(rate)
                     print(
-                        f"  round {round_index + 1} {variant:5s} {rate:10,.0f} images/s {detail}",
+                        f"  round {round_index + 1} {variant:8s} {rate:10,.0f} images/s {detail}",
                         flush=True,
                     )
             bare = median(rates["bare"])
             print(f"{model} on {card}: medians over {args.rounds} rounds")
             for variant in variants:
                 value = median(rates[variant])
-                print(f"  {variant:5s} {value:10,.0f} images/s  {value / bare:5.2f}x bare")
+                print(f"  {variant:8s} {value:10,.0f} images/s  {value / bare:5.2f}x bare")
             step = median(rates["step"])
-            print(f"  ray / step {median(rates['ray']) / step:5.2f} (what Ray Train adds)")
+            for variant in [v for v in variants if v.startswith("ray")]:
+                ratio = median(rates[variant]) / step
+                print(f"  {variant} / step {ratio:5.2f} (what Ray Train adds)")
     print(f"CPUs: {os.cpu_count()}", flush=True)
 
 

@@ -7,12 +7,15 @@
 Variants, each with the default digits config, ``train.eval_every=0`` (the in-training probe is
 off; bench/memory.py runs the default with it), global batch 64, one torch thread per worker:
 
-* ``ray``: ``pipelines.train.run_training`` (Ray Train V2, gloo, DDP, sync batch norm, reports
-  every 50 steps, checkpoints every 500 and at the end). Steady state is measured on the driver
-  between the report at ``--warmup`` steps and the last one, so report and checkpoint costs count;
-  start-up is the time from the ``run_training`` call to the first report less that report's
-  steps at the steady rate. The workers' own figure (``images_per_s`` of each report window,
-  which leaves reports and checkpoints out) is printed beside it.
+* ``ray``: ``pipelines.train.run_training`` (Ray Train V2, gloo, DDP, sync batch norm, figures
+  every 50 steps handed to Ray Train in one report at most every ``train.report_seconds``,
+  checkpoints every 500 and at the end). Steady state is measured on the driver between the
+  first report that arrives past ``--warmup`` steps and the last one, so report and checkpoint
+  costs count; start-up is the time from the ``run_training`` call to the first report less
+  that report's steps at the steady rate. The workers' own figure (``images_per_s`` of each
+  window, which leaves reports and checkpoints out) is printed beside it.
+* ``ray-each``: ``ray`` with ``train.report_seconds=0``: one Ray Train report per window, as
+  before that setting existed.
 * ``bare``: the DCGAN step written in bench/harness.py with plain torch in
   ``torch.multiprocessing`` processes (DDP and sync batch norm with 2).
 * ``state``: ``TrainingState.step`` in the same processes: what the pipeline's step adds
@@ -32,6 +35,7 @@ CPU; the ratio of each round is taken between runs next to each other, and the m
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -55,15 +59,18 @@ from pipelines.config import Config, load_config
 
 
 def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: int) -> dict:
-    """One ``run_training``; rates from the driver's report arrival times."""
+    """One ``run_training``; rates from the arrival times of Ray Train's reports at the driver
+    (each carries the windows since the last one, train.report_seconds)."""
     from pipelines.train import run_training
 
-    reports: list[tuple[float, int, float]] = []
+    windows: list[tuple[int, float]] = []
     cpu: list[dict[int, tuple[str, float]]] = []  # cpu_seconds() at the steady window's ends
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
-        reports.append((time.perf_counter(), int(metrics["step"]), metrics["images_per_s"]))
+        windows.append((int(metrics["step"]), metrics["images_per_s"]))
         if int(metrics["step"]) >= warmup:
+            # Called as each report arrives: the window's start is the first report that holds
+            # a step past the warm-up, as below.
             snapshot = cpu_seconds()
             if not cpu:
                 cpu.append(snapshot)  # the window's start
@@ -72,7 +79,7 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
 
     load_start = loadavg()
     called = time.perf_counter()
-    run_training(
+    result = run_training(
         config,
         shards=dataset.shards,
         shape=dataset.shape,
@@ -82,17 +89,23 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
     )
     returned = time.perf_counter()
     batch = config.train.batch_size
-    steady = [r for r in reports if r[1] >= warmup]
-    (t0, s0, _), (t1, s1, _) = steady[0], steady[-1]
+    steady = [(t, step) for t, step in result.report_arrivals if step >= warmup]
+    if len(steady) < 2:
+        raise SystemExit(
+            f"only {len(steady)} Ray Train report(s) arrived after step {warmup}, too few to time: "
+            "raise --steps, or pass a lower train.report_seconds or train.checkpoint_every"
+        )
+    (t0, s0), (t1, s1) = steady[0], steady[-1]
     rate = (s1 - s0) * batch / (t1 - t0)
-    first_t, first_step, _ = reports[0]
+    first_t, first_step = result.report_arrivals[0]
     # CPU used per second of the steady window, by process kind (1.0 = one core busy).
     cores = cores_between(cpu[0], cpu[1], t1 - t0)
     return {
         "cores": cores,
         "images_per_cpu_s": rate / cores["Ray Train workers"],
         "images_per_s": rate,
-        "worker_images_per_s": median([r[2] for r in steady[1:]]),
+        "worker_images_per_s": median([ips for step, ips in windows if step > s0]),
+        "reports": len(result.report_arrivals),
         "first_report_s": first_t - called,
         "startup_s": first_t - called - first_step * batch / rate,
         "shutdown_s": returned - t1,
@@ -107,9 +120,10 @@ def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
         f"{workers} worker(s) round {repeat} {variant:8s}: {r['images_per_s']:7.0f} images/s, "
         f"{r['images_per_cpu_s']:6.0f} images per CPU-second"
     )
-    if variant == "ray":
+    if variant in ("ray", "ray-each"):
         line += (
-            f" (workers' own figure {r['worker_images_per_s']:.0f}; first report after "
+            f" (workers' own figure {r['worker_images_per_s']:.0f}; {r['reports']} Ray Train "
+            f"reports; first after "
             f"{r['first_report_s']:.1f} s, start-up {r['startup_s']:.1f} s, shutdown "
             f"{r['shutdown_s']:.1f} s)"
         )
@@ -128,7 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument(
-        "--variants", default="ray,bare", help="ray, bare, state, ray-bare, ray-state"
+        "--variants",
+        default="ray,bare",
+        help="ray, ray-each, bare, state, ray-bare, ray-state",
     )
     parser.add_argument("--steps", type=int, default=600, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=100, help="steps left out of the rate")
@@ -175,9 +191,12 @@ def main() -> None:
                 order = variants if repeat % 2 == 0 else variants[::-1]
                 results: dict[str, dict] = {}
                 for variant in order:
-                    if variant == "ray":
-                        name = f"w{workers}-r{repeat}"
-                        results[variant] = run_ray(config, dataset, tmp, name, args.warmup)
+                    if variant in ("ray", "ray-each"):
+                        name = f"w{workers}-r{repeat}-{variant}"
+                        chosen = copy.deepcopy(config)
+                        if variant == "ray-each":
+                            chosen.train.report_seconds = 0.0
+                        results[variant] = run_ray(chosen, dataset, tmp, name, args.warmup)
                     elif variant in ("ray-bare", "ray-state"):
                         results[variant] = run_ray_reference(
                             config,
