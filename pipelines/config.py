@@ -170,9 +170,9 @@ class TrainConfig:
     threads_per_worker: int = doc("torch intra-op threads in each worker", 1)
     report_every: int = doc("steps between metric reports (and MLflow points)", 50)
     report_seconds: float = doc(
-        "the workers hand their reports to Ray Train at most this often, all windows since "
-        "the last one together (each hand-over stops every worker), and also at the first "
-        "report, every checkpoint and the end; 0: each report on its own",
+        "seconds between the workers' reports to Ray Train, each carrying the report_every "
+        "windows since the last (a report stops every worker until Ray Train takes it); also "
+        "at the first window, every checkpoint and the end; 0: one report per window",
         5.0,
     )
     checkpoint_every: int = doc("steps between checkpoints written through Ray Train", 500)

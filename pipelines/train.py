@@ -7,8 +7,8 @@ progress lines). The same route gives a Tune trial real checkpoints.
 
 The workers average their figures every ``train.report_every`` steps (a window) but hand them to
 Ray Train at most every ``train.report_seconds``, several windows in one report: each report
-stops every worker until Ray Train's controller has taken it, which cost 2-worker CPU training
-a tenth of its speed at one report per window (docs/benchmarks.md).
+stops every worker until Ray Train's controller has taken it, and the controller takes one per
+poll, so windows shorter than its poll would stall training (docs/benchmarks.md).
 """
 
 from __future__ import annotations
