@@ -42,8 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--model", default="dcgan64,default", help="comma-separated")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per run")
-    parser.add_argument("--warmup", type=int, default=100, help="steps left out of the rate")
+    # Long enough for several Ray Train reports after the warm-up (one per train.report_seconds).
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per run")
+    parser.add_argument("--warmup", type=int, default=200, help="steps left out of the rate")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="ray,step,bare", help="ray, ray-each, step, bare")
     args = parser.parse_args()

@@ -4,7 +4,8 @@
 #   0. bench/gpu_check.py --quick: host copies queued, synchronized batch norm on CUDA;
 #   1. the default pipeline end to end on the GPU (Ray Train, NCCL, MLflow, the registry), then
 #      `ganpipe generate` from the registered model;
-#   2. bench/gpu_ray_train.py: Ray Train on the GPU against the bare loop on the same card;
+#   2. bench/gpu_ray_train.py: Ray Train on the GPU against the bare loop on the same card
+#      (the 64x64 DCGAN, 2 rounds of 1,000 steps: about 180 s);
 #   3. bench/train_overhead.py with two CPU workers on a machine with more cores than workers.
 # At most 550 s in all, inside one call's 10-minute limit (on the H200, 2026-11-28, steps 1 to 3:
 # 122 s, 4 s, about 200 s and about 100 s). Needs torch with CUDA and the project's other packages
@@ -33,7 +34,7 @@ timeout 30 python3 -m pipelines.cli generate --model models:/ganpipe-digits/1 -n
 echo "ganpipe generate: exit $?"
 
 echo "== 2. bench/gpu_ray_train.py"
-timeout 220 python3 bench/gpu_ray_train.py --rounds 2
+timeout 220 python3 bench/gpu_ray_train.py --model dcgan64 --steps 1000 --warmup 200 --rounds 2
 
 echo "== 3. bench/train_overhead.py --workers 2 (CPU workers, $(nproc) cores)"
 timeout 100 python3 bench/train_overhead.py --workers 2 --variants ray,bare --repeats 2 --steps 400

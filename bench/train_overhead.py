@@ -65,17 +65,23 @@ def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: i
 
     windows: list[tuple[int, float]] = []
     cpu: list[dict[int, tuple[str, float]]] = []  # cpu_seconds() at the steady window's ends
+    last_call = [-float("inf")]
 
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
-        windows.append((int(metrics["step"]), metrics["images_per_s"]))
-        if int(metrics["step"]) >= warmup:
-            # Called as each report arrives: the window's start is the first report that holds
-            # a step past the warm-up, as below.
+        step = int(metrics["step"])
+        windows.append((step, metrics["images_per_s"]))
+        # The windows of one report come back to back; one snapshot per report (a snapshot
+        # reads every process's /proc entry: hundreds of windows would delay the driver).
+        new_report = time.perf_counter() - last_call[0] > 0.1
+        if step >= warmup and (new_report or not cpu):
+            # The steady window starts at the report that holds the first step past the
+            # warm-up, as below.
             snapshot = cpu_seconds()
             if not cpu:
                 cpu.append(snapshot)  # the window's start
             else:
                 cpu[1:] = [snapshot]  # its end so far
+        last_call[0] = time.perf_counter()
 
     load_start = loadavg()
     called = time.perf_counter()
