@@ -342,9 +342,13 @@ class RunLogger:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)  # the time of logging, kept however late it is delivered
-        entries = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None = None, at: float | None = None
+    ) -> None:
+        """Log ``metrics`` at ``step``, timestamped ``at`` (Unix seconds; default now), the time
+        kept however late the values are delivered."""
+        when = int((time.time() if at is None else at) * 1000)
+        entries = [Metric(k, float(v), when, step or 0) for k, v in metrics.items()]
         with self._lock:
             if len(self._pending) + len(entries) > self.buffer_limit:
                 outage = self._outage()
@@ -358,13 +362,14 @@ class RunLogger:
             self._deliver(wait=False)
             self._deliver_images(wait=False)  # images held back by an outage go out too
 
-    def log_image(self, image: Any, key: str, step: int) -> None:
-        """Log ``image`` (PIL or array) as image ``key`` of ``step`` (the UI's image slider).
-        Like metrics it waits in memory while the server is away, so that a training report
-        never waits for the server; ``flush`` delivers it."""
-        now = int(time.time() * 1000)
+    def log_image(self, image: Any, key: str, step: int, at: float | None = None) -> None:
+        """Log ``image`` (PIL or array) as image ``key`` of ``step`` (the UI's image slider),
+        timestamped ``at`` (Unix seconds; default now). Like metrics it waits in memory while
+        the server is away, so that a training report never waits for the server; ``flush``
+        delivers it."""
+        when = int((time.time() if at is None else at) * 1000)
         with self._lock:
-            self._pending_images.append((image, key, step, now))
+            self._pending_images.append((image, key, step, when))
             self._deliver_images(wait=False)
 
     def flush(self) -> None:

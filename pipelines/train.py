@@ -50,6 +50,9 @@ DIVERGED = "diverged"
 # A Ray Train report carries the figures of every report_every-step window since the previous
 # one (train.report_seconds), under this key; the driver hands them on one by one.
 WINDOWS = "windows"
+# When a window ended (Unix seconds, rank 0's clock): the time to log its figures at, not the
+# time its report reached the driver. Not a figure.
+WINDOW_TIME = "window_time"
 
 ReportHandler = Callable[[dict[str, Any], str | None], None]
 
@@ -313,6 +316,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **({"ada_signal": ada.signal} if ada is not None and ada.signal is not None else {}),
             **state.rates(),
             "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
+            WINDOW_TIME: time.time(),
         }
         report(done, metrics, hand_over_now)
         if not pending:

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 
 from pipelines import storage
 from pipelines.config import Config, config_from_dict, mutated
-from pipelines.train import CHECKPOINT_OWNER, run_training
+from pipelines.train import CHECKPOINT_OWNER, WINDOW_TIME, run_training
 
 # Where each mutable hyper-parameter lives in the config.
 CONFIG_KEYS = {"lr_g": ("optim", "lr_g"), "lr_d": ("optim", "lr_d"),
@@ -109,6 +109,7 @@ def _trial(params: dict[str, Any]) -> None:
         if "eval_distance" not in metrics:
             return  # PBT ranks at evaluations only; the rest is for progress
         metrics.pop("sample_grid_png", None)
+        metrics.pop(WINDOW_TIME, None)  # Tune stamps its results itself
         metrics.update(extra)
         extra.clear()
         saved = None

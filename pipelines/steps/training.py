@@ -12,7 +12,7 @@ from pipelines import storage
 from pipelines.dag import StepContext
 from pipelines.steps.prepare import MANIFEST
 from pipelines.tracking import prepared_datasets
-from pipelines.train import ReportHandler, run_training
+from pipelines.train import WINDOW_TIME, ReportHandler, run_training
 
 
 def split_files(dataset: str, manifest: dict[str, Any], split: str) -> list[str]:
@@ -29,11 +29,13 @@ def report_to_mlflow(ctx: StepContext) -> ReportHandler:
     def on_report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         step = int(metrics.pop("step"))
         grid = metrics.pop("sample_grid_png", None)
-        ctx.logger.log_metrics(metrics, step=step)
+        # Logged at the time the window ended: windows reach the driver several at once.
+        ended = metrics.pop(WINDOW_TIME, None)
+        ctx.logger.log_metrics(metrics, step=step, at=ended)
         if grid is not None:
             image = Image.open(io.BytesIO(base64.b64decode(grid)))
             # Through the logger: kept while a tracking server is away, so training goes on.
-            ctx.logger.log_image(image, key="samples", step=step)
+            ctx.logger.log_image(image, key="samples", step=step, at=ended)
         eta = (t.steps - step) * t.batch_size / max(metrics["images_per_s"], 1e-9)
         distance = f" distance {metrics['eval_distance']:.2f}" if "eval_distance" in metrics else ""
         ctx.log(

@@ -105,6 +105,11 @@ def test_training_metrics_arrive_per_report(smoke_run):
         history = client.get_metric_history(train_run.info.run_id, metric)
         assert [m.step for m in history] == [10, 20, 30], metric
         assert all(np.isfinite(m.value) for m in history)
+    # Windows 20 and 30 reach the driver in one report (train.report_seconds); each is logged
+    # at the time it ended, so they stand at least window 30's own training time apart.
+    ips = {m.step: m for m in client.get_metric_history(train_run.info.run_id, "images_per_s")}
+    window_30_ms = 1000 * config.train.report_every * config.train.batch_size / ips[30].value
+    assert ips[30].timestamp - ips[20].timestamp >= window_30_ms - 1
     lr_g = [m.value for m in client.get_metric_history(train_run.info.run_id, "lr_g")]
     assert lr_g[-1] < lr_g[0]  # cosine decay to min_lr_factor
     assert lr_g[-1] == pytest.approx(config.optim.lr_g * config.optim.min_lr_factor)
