@@ -24,7 +24,6 @@ same shape for the others: the content does not change the work.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from gpu_speed import MODELS, bare_loop, ganpipe_loop, host_data, images_per_s
 from harness import machine, median, write_dataset
-from train_overhead import run_ray
+from train_overhead import RAY_VARIANTS, run_ray
 
 from pipelines.config import load_config
 
@@ -83,12 +82,11 @@ def main() -> None:
             for round_index in range(args.rounds):
                 order = variants if round_index % 2 == 0 else variants[::-1]
                 for variant in order:
-                    if variant in ("ray", "ray-each"):
+                    if variant in RAY_VARIANTS:
                         name = f"{model}-r{round_index}-{variant}"
-                        chosen = copy.deepcopy(config)
-                        if variant == "ray-each":
-                            chosen.train.report_seconds = 0.0
-                        result = run_ray(chosen, dataset, tmp, name, args.warmup)
+                        result = run_ray(
+                            config, dataset, tmp, name, args.warmup, RAY_VARIANTS[variant]
+                        )
                         rate = result["images_per_s"]
                         detail = (
                             f"(workers' own figure {result['worker_images_per_s']:,.0f}; "

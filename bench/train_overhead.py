@@ -57,11 +57,26 @@ from harness import (
 
 from pipelines.config import Config, load_config
 
+# The variants that run the pipeline, each with its train.report_seconds (None: the config's).
+RAY_VARIANTS: dict[str, float | None] = {"ray": None, "ray-each": 0.0}
 
-def run_ray(config: Config, dataset: Dataset, storage: str, name: str, warmup: int) -> dict:
-    """One ``run_training``; rates from the arrival times of Ray Train's reports at the driver
-    (each carries the windows since the last one, train.report_seconds)."""
+
+def run_ray(
+    config: Config,
+    dataset: Dataset,
+    storage: str,
+    name: str,
+    warmup: int,
+    report_seconds: float | None = None,
+) -> dict:
+    """One ``run_training``, with ``report_seconds`` in place of the config's when given; rates
+    from the arrival times of Ray Train's reports at the driver (each carries the windows since
+    the last one, train.report_seconds)."""
     from pipelines.train import run_training
+
+    if report_seconds is not None:
+        config = copy.deepcopy(config)
+        config.train.report_seconds = report_seconds
 
     windows: list[tuple[int, float]] = []
     cpu: list[dict[int, tuple[str, float]]] = []  # cpu_seconds() at the steady window's ends
@@ -126,7 +141,7 @@ def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
         f"{workers} worker(s) round {repeat} {variant:8s}: {r['images_per_s']:7.0f} images/s, "
         f"{r['images_per_cpu_s']:6.0f} images per CPU-second"
     )
-    if variant in ("ray", "ray-each"):
+    if variant in RAY_VARIANTS:
         line += (
             f" (workers' own figure {r['worker_images_per_s']:.0f}; {r['reports']} Ray Train "
             f"reports; first after "
@@ -197,12 +212,11 @@ def main() -> None:
                 order = variants if repeat % 2 == 0 else variants[::-1]
                 results: dict[str, dict] = {}
                 for variant in order:
-                    if variant in ("ray", "ray-each"):
+                    if variant in RAY_VARIANTS:
                         name = f"w{workers}-r{repeat}-{variant}"
-                        chosen = copy.deepcopy(config)
-                        if variant == "ray-each":
-                            chosen.train.report_seconds = 0.0
-                        results[variant] = run_ray(chosen, dataset, tmp, name, args.warmup)
+                        results[variant] = run_ray(
+                            config, dataset, tmp, name, args.warmup, RAY_VARIANTS[variant]
+                        )
                     elif variant in ("ray-bare", "ray-state"):
                         results[variant] = run_ray_reference(
                             config,
