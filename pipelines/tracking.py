@@ -176,6 +176,11 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
+def _epoch_ms(at: float | None) -> int:
+    """MLflow's timestamp (milliseconds since the epoch) of ``at`` in Unix seconds, or of now."""
+    return int((time.time() if at is None else at) * 1000)
+
+
 class RunLogger:
     """Writes to one MLflow run; safe to pickle into a Ray task (only its settings travel: each
     process keeps its own buffer and delivers it).
@@ -347,7 +352,7 @@ class RunLogger:
     ) -> None:
         """Log ``metrics`` at ``step``, timestamped ``at`` (Unix seconds; default now), the time
         kept however late the values are delivered."""
-        when = int((time.time() if at is None else at) * 1000)
+        when = _epoch_ms(at)
         entries = [Metric(k, float(v), when, step or 0) for k, v in metrics.items()]
         with self._lock:
             if len(self._pending) + len(entries) > self.buffer_limit:
@@ -367,7 +372,7 @@ class RunLogger:
         timestamped ``at`` (Unix seconds; default now). Like metrics it waits in memory while
         the server is away, so that a training report never waits for the server; ``flush``
         delivers it."""
-        when = int((time.time() if at is None else at) * 1000)
+        when = _epoch_ms(at)
         with self._lock:
             self._pending_images.append((image, key, step, when))
             self._deliver_images(wait=False)
