@@ -60,6 +60,9 @@ SPLIT_CONTEXTS = {"train": "training", "holdout": "evaluation"}  # manifest spli
 # MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_INTERVAL_S = 5.0
 MONITOR_THREAD = "SystemMetricsMonitor"
+# psutil's CPU figure counts clock ticks (10 ms each): over a few milliseconds it reads 0 % or
+# 100 % whatever the load, so the last, partial interval is sampled only when at least this long.
+MIN_FINAL_INTERVAL_S = 0.1
 
 RETRY_WINDOW_ENV = "GANPIPE_TRACKING_RETRY_S"
 BUFFER_LIMIT_ENV = "GANPIPE_TRACKING_BUFFER"
@@ -442,7 +445,8 @@ class _SystemMetrics(SystemMetricsMonitor):
     at the first failed call, logs through a client of its own, and drops the samples of the
     last, partial interval. Here the values go through the RunLogger, so they wait out a
     tracking-server outage with the training metrics; the thread stops when told to and logs
-    what it sampled until then, so even a short step gets a point.
+    what it sampled until then, so even a short step gets a point. A last interval shorter than
+    ``MIN_FINAL_INTERVAL_S`` after an earlier sample is left out: its CPU figure would be noise.
     """
 
     def __init__(self, logger: RunLogger, interval_s: float, resume: bool) -> None:
@@ -474,10 +478,19 @@ class _SystemMetrics(SystemMetricsMonitor):
         # starts the interval the first sample covers.
         psutil.cpu_percent()
         samples = 0
+        sampled_at: float | None = None
         try:
             while True:
                 stopping = self._shutdown_event.wait(self.sampling_interval)
+                too_short = (
+                    sampled_at is not None and time.monotonic() - sampled_at < MIN_FINAL_INTERVAL_S
+                )
+                if stopping and too_short:
+                    if samples:
+                        self.publish_metrics(self.aggregate_metrics())
+                    return
                 self.collect_metrics()
+                sampled_at = time.monotonic()
                 samples += 1
                 if stopping or samples >= self.samples_before_logging:
                     self.publish_metrics(self.aggregate_metrics())

@@ -5,6 +5,7 @@ pipeline run."""
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import platform
 import threading
@@ -94,6 +95,22 @@ def test_system_metrics_sampled_while_the_block_runs_and_stopped_when_it_raises(
     assert all(m.value > 0 for m in cpu), cpu
     memory = client.get_metric_history(logger.run_id, MEMORY)
     assert len(memory) == len(cpu) and all(m.value > 0 for m in memory)
+
+
+def test_a_last_interval_of_a_few_milliseconds_gets_no_sample_of_its_own(tmp_path):
+    """psutil's CPU figure over a few milliseconds reads 0 % or 100 % whatever the load (it
+    counts 10 ms clock ticks): a block that ends just after a periodic sample adds no sample
+    for the sliver after it."""
+    logger, client = _logger(tmp_path)
+    with logger.system_metrics(0.2):
+        deadline = time.monotonic() + 30
+        while not client.get_metric_history(logger.run_id, CPU):  # the first periodic sample
+            assert time.monotonic() < deadline, "no system metrics sample within 30 s"
+            time.sleep(0.005)
+    cpu = client.get_metric_history(logger.run_id, CPU)
+    # One sample, or two when the poll above took 0.1 s or more: never two within 0.1 s.
+    gaps_ms = [b.timestamp - a.timestamp for a, b in itertools.pairwise(cpu)]
+    assert len(cpu) <= 2 and all(gap >= 95 for gap in gaps_ms), (len(cpu), gaps_ms)
 
 
 def test_a_block_shorter_than_the_interval_still_gets_a_sample_and_resume_continues(tmp_path):
