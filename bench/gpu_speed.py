@@ -49,6 +49,19 @@ MODELS = {
         "train.batch_size=256",
     ],
     "default": [],
+    # dcgan64's layers with 4 channels a layer and 4 images a batch: the arithmetic is
+    # negligible, so on a CPU the step's time is its per-operator host cost, the cost that
+    # bounds a small model on a fast GPU (a stand-in for a launch-bound GPU step).
+    "dcgan64-thin": [
+        "data.resolution=64",
+        "model.latent_dim=100",
+        "model.g_width=4",
+        "model.d_width=4",
+        "model.g_norm=batch",
+        "model.d_norm=batch",
+        "loss.kind=nonsaturating",
+        "train.batch_size=4",
+    ],
 }
 VARIANTS = {
     "ganpipe fp32": [],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -61,9 +61,8 @@ class StepStats:
 
     def stacked(self) -> torch.Tensor:
         """The :attr:`FIGURES` as one float32 tensor, to sum on the device without a sync."""
-        return torch.stack(
-            [torch.as_tensor(getattr(self, n), dtype=torch.float32) for n in self.FIGURES]
-        )
+        # One cast of the stack, not one per figure: every operator costs the host a dispatch.
+        return torch.stack([getattr(self, n) for n in self.FIGURES]).float()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -192,20 +191,13 @@ def train_step(
         drawn = torch.randint(0, num_classes, (real.shape[0],), generator=rng, device=rng.device)
         return to_device(drawn, real.device)
 
-    def precision() -> AbstractContextManager:
+    def forward(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """G's images or D's logits, in float32 whatever ``autocast_dtype``."""
         if autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(real.device.type, dtype=autocast_dtype)
-
-    def d(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with precision():
-            logits = module(x) if y is None else module(x, y)
-        return logits.float()
-
-    def g(module: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with precision():
-            images = module(z) if y is None else module(z, y)
-        return images.float()
+            return module(x) if y is None else module(x, y)
+        with torch.autocast(real.device.type, dtype=autocast_dtype):
+            out = module(x) if y is None else module(x, y)
+        return out.float()
 
     g_inner = generator_inner if generator_inner is not None else generator
     d_inner = discriminator_inner if discriminator_inner is not None else discriminator
@@ -218,12 +210,12 @@ def train_step(
         y_fake = fake_labels()
         frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
         with torch.no_grad(), frozen:
-            fake = g(g_inner, z, y_fake)
+            fake = forward(g_inner, z, y_fake)
         apply_r1 = r1_gamma > 0 and (step * d_steps + i) % r1_interval == 0
         real_in = real.detach().requires_grad_(True) if apply_r1 else real
         real_seen, fake_seen = view(real_in), view(fake)
-        real_logits = d(discriminator, real_seen, labels)
-        fake_logits = d(discriminator, fake_seen, y_fake)
+        real_logits = forward(discriminator, real_seen, labels)
+        fake_logits = forward(discriminator, fake_seen, y_fake)
         loss_d = d_loss_fn(real_logits, fake_logits)
         total = loss_d
         if apply_r1:
@@ -232,7 +224,7 @@ def train_step(
             r1s.append(r1.detach())
         if gp_weight > 0:
             gp = gradient_penalty(
-                lambda x: d(discriminator, x, labels), real_seen.detach(), fake_seen, rng
+                lambda x: forward(discriminator, x, labels), real_seen.detach(), fake_seen, rng
             )
             total = total + gp_weight * gp
             gps.append(gp.detach())
@@ -243,7 +235,8 @@ def train_step(
             total = total + lecam_weight * lecam
             lecams.append(lecam.detach())
         if consistency_weight > 0:
-            consistency = consistency_penalty(d(discriminator, real.detach(), labels), real_logits)
+            plain_logits = forward(discriminator, real.detach(), labels)
+            consistency = consistency_penalty(plain_logits, real_logits)
             total = total + consistency_weight * consistency
             consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
@@ -251,15 +244,16 @@ def train_step(
         grad_norms_d.append(_grad_norm(d_inner))
         opt_d.step()
         losses_d.append(loss_d.detach())
-        d_reals.append(torch.sigmoid(real_logits.detach()).mean())
-        d_fakes.append(torch.sigmoid(fake_logits.detach()).mean())
-        signs.append(torch.sign(real_logits.detach()).mean())
+        with torch.no_grad():
+            d_reals.append(torch.sigmoid(real_logits).mean())
+            d_fakes.append(torch.sigmoid(fake_logits).mean())
+            signs.append(torch.sign(real_logits).mean())
 
     set_requires_grad(d_inner, False)
     try:
         z = _noise(batch, latent_dim, rng, real.device)
         y_fake = fake_labels()
-        loss_g = g_loss_fn(d(d_inner, view(g(generator, z, y_fake)), y_fake))
+        loss_g = g_loss_fn(forward(d_inner, view(forward(generator, z, y_fake)), y_fake))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = _grad_norm(g_inner)
@@ -287,11 +281,17 @@ def train_step(
 
 
 def _grad_norm(module: nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients of ``module`` (detached; zero when it has none)."""
-    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
-    if not norms:
+    """L2 norm of all gradients of ``module`` (zero when it has none).
+
+    One multi-tensor kernel for the parameters' norms (``torch._foreach_norm``, what
+    ``torch.nn.utils.clip_grad_norm_`` uses), not one operator per parameter: a small model on a
+    fast GPU is bound by the operators the host dispatches.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
+    with torch.no_grad():
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 __all__ = ["StepStats", "recompute_bn_statistics", "set_requires_grad", "train_step"]
