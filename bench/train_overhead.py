@@ -59,6 +59,8 @@ from pipelines.config import Config, load_config
 
 # The variants that run the pipeline, each with its train.report_seconds (None: the config's).
 RAY_VARIANTS: dict[str, float | None] = {"ray": None, "ray-each": 0.0}
+REFERENCE_VARIANTS = ("bare", "state", "ray-bare", "ray-state")
+KNOWN_VARIANTS = (*RAY_VARIANTS, *REFERENCE_VARIANTS)
 
 
 def run_ray(
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="ray,bare",
-        help="ray, ray-each, bare, state, ray-bare, ray-state",
+        help=", ".join(KNOWN_VARIANTS),
     )
     parser.add_argument("--steps", type=int, default=600, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=100, help="steps left out of the rate")
@@ -179,6 +181,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = parser.parse_args()
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in KNOWN_VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(KNOWN_VARIANTS)}")
+    if "bare" not in variants:  # checked before the runs, not after them
+        parser.error("--variants must include bare: every ratio is to the bare loop's round")
 
     print(f"machine: {machine()}")
     print(f"load average at start: {loadavg()}")
