@@ -1,0 +1,106 @@
+"""An earlier ``gan/step.py`` against today's, in one process: short blocks of steps, alternated.
+
+    git show ff8ecfc~1:gan/step.py > /tmp/step_before.py
+    python bench/step_ab.py --before /tmp/step_before.py --model default,dcgan64-thin
+    python bench/step_ab.py --before /tmp/step_before.py --device cuda --model dcgan64
+
+A change to the step worth a few per cent is lost between runs on a shared machine, which drift
+by ±10 % and more. Here both versions train in the same process, each with a
+``TrainingState`` of its own (same config, same seed), in blocks of ``--block`` steps that
+alternate (ABAB, then BABA): the machine's drift falls on both alike. Each block runs the worker
+loop's per-step bookkeeping (bench/gpu_speed.py's ``ganpipe`` loop). Printed: milliseconds per
+step (median over blocks) and the median over pairs of blocks of before / after; above 1 means
+today's step is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from gpu_speed import MODELS, _config, _sync, ganpipe_loop, host_data
+
+import gan.step
+import pipelines.loop
+
+
+def load_step_module(path: Path) -> ModuleType:
+    """The ``gan/step.py`` at ``path`` as a module of its own (``gan.step`` stays as it is)."""
+    spec = importlib.util.spec_from_file_location("gan_step_before", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def seconds_per_step(
+    loop: Callable[[int], None], module: ModuleType, first: int, steps: int, device: torch.device
+) -> float:
+    """Seconds per step of ``steps`` steps of ``loop`` with ``module``'s train_step."""
+    pipelines.loop.train_step = module.train_step
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(first, first + steps):
+        loop(i)
+    _sync(device)
+    return (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", type=Path, required=True, help="an earlier gan/step.py")
+    parser.add_argument("--device", default="cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--model", default="default,dcgan64-thin", help=", ".join(MODELS))
+    parser.add_argument("--blocks", type=int, default=20, help="blocks of each version")
+    parser.add_argument("--block", type=int, default=30, help="steps per block")
+    args = parser.parse_args()
+    if not args.before.is_file():
+        parser.error(f"--before {args.before}: no such file (git show REV:gan/step.py > FILE)")
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {name}; before: {args.before}")
+    versions = {"before": load_step_module(args.before), "after": gan.step}
+
+    for model in args.model.split(","):
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+        config = _config(model, [], args.device)
+        data = host_data(config)
+        loops = {}
+        for version, module in versions.items():
+            # TrainingState.step calls the train_step of pipelines.loop's namespace.
+            pipelines.loop.train_step = module.train_step
+            loops[version] = ganpipe_loop(config, data, device)
+
+        seconds: dict[str, list[float]] = {version: [] for version in versions}
+        for version, module in versions.items():  # warm-up
+            seconds_per_step(loops[version], module, 0, args.block, device)
+        for index in range(args.blocks):
+            order = list(versions) if index % 2 == 0 else list(versions)[::-1]
+            for version in order:
+                first = (index + 1) * args.block
+                seconds[version].append(
+                    seconds_per_step(loops[version], versions[version], first, args.block, device)
+                )
+        pipelines.loop.train_step = gan.step.train_step
+        ratios = [b / a for b, a in zip(seconds["before"], seconds["after"], strict=True)]
+        print(
+            f"{model}: ms per step before {1e3 * statistics.median(seconds['before']):.2f}, "
+            f"after {1e3 * statistics.median(seconds['after']):.2f}; before / after "
+            f"{statistics.median(ratios):.3f} (median of {len(ratios)} pairs of "
+            f"{args.block}-step blocks, {min(ratios):.2f}–{max(ratios):.2f})",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
