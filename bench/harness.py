@@ -16,6 +16,7 @@ process per rank, data read from the same Parquet shards, the batch sampled by i
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -293,6 +294,22 @@ def ray_reference_loop(job: dict[str, Any]) -> None:  # pragma: no cover - in a 
         Path(job["out"]).write_text(json.dumps({**result, "cpu_s_all_ranks": float(all_ranks)}))
 
 
+class _GcTime:
+    """A ``gc.callbacks`` entry that adds up the time of the collections, by generation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.collections[info["generation"]] += 1
+
+
 def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[dict, float]:
     """Warm-up, then ``job["steps"]`` timed steps; rank 0's figures and this rank's CPU time."""
     config = config_from_dict(job["config"])
@@ -342,6 +359,8 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     marker = job.get("window_marker") if rank == 0 else None
     if marker:  # for the driver's CPU snapshots of the timed window
         Path(f"{marker}.start").touch()
+    gc_time = _GcTime()
+    gc.callbacks.append(gc_time)
     started, cpu_started = time.perf_counter(), time.process_time()
     profile = job.get("profile")
     if profile and rank == 0:
@@ -360,6 +379,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     barrier()
     elapsed = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
+    gc.callbacks.remove(gc_time)
     if marker:
         Path(f"{marker}.end").touch()
     result = {
@@ -369,6 +389,11 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
         "images_per_s": t.batch_size * job["steps"] / elapsed,
         "load_start": load_start,
         "load_end": loadavg(),
+        # Python's cyclic garbage collector: its pauses grow with every object the process
+        # holds (a Ray worker holds many more than a bare process).
+        "gc_ms_per_step": 1e3 * gc_time.seconds / job["steps"],
+        "gc_collections": gc_time.collections,
+        "gc_tracked_objects": len(gc.get_objects()),
     }
     if counts is not None:
         result["all_reduces_per_step"] = counts["calls"] / job["steps"]

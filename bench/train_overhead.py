@@ -151,7 +151,10 @@ def describe(workers: int, repeat: int, variant: str, r: dict[str, Any]) -> str:
             f"{r['shutdown_s']:.1f} s)"
         )
     else:
-        line += f" (rank 0 busy {r['cpu_busy']:.2f} of a core)"
+        line += (
+            f" (rank 0 busy {r['cpu_busy']:.2f} of a core; gc {r['gc_ms_per_step']:.2f} ms a "
+            f"step, collections {r['gc_collections']}, {r['gc_tracked_objects']:,} objects)"
+        )
     line += f"  load {r['load_start']} -> {r['load_end']}"
     if "cores" in r:
         used = sorted(r["cores"].items(), key=lambda kv: -kv[1])
