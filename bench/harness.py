@@ -390,7 +390,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
         "load_start": load_start,
         "load_end": loadavg(),
         # Python's cyclic garbage collector: its pauses grow with every object the process
-        # holds (a Ray worker holds many more than a bare process).
+        # holds (a Ray worker holds more than a bare process).
         "gc_ms_per_step": 1e3 * gc_time.seconds / job["steps"],
         "gc_collections": gc_time.collections,
         "gc_tracked_objects": len(gc.get_objects()),
