@@ -37,31 +37,23 @@ from gan.step import StepStats
 from pipelines.config import Config, load_config
 from pipelines.loop import TrainingState, build_models
 
+DCGAN64 = [
+    "data.resolution=64",
+    "model.latent_dim=100",
+    "model.g_width=64",
+    "model.d_width=64",
+    "model.g_norm=batch",
+    "model.d_norm=batch",
+    "loss.kind=nonsaturating",
+    "train.batch_size=256",
+]
 MODELS = {
-    "dcgan64": [
-        "data.resolution=64",
-        "model.latent_dim=100",
-        "model.g_width=64",
-        "model.d_width=64",
-        "model.g_norm=batch",
-        "model.d_norm=batch",
-        "loss.kind=nonsaturating",
-        "train.batch_size=256",
-    ],
+    "dcgan64": DCGAN64,
     "default": [],
-    # dcgan64's layers with 4 channels a layer and 4 images a batch: the arithmetic is
-    # negligible, so on a CPU the step's time is its per-operator host cost, the cost that
-    # bounds a small model on a fast GPU (a stand-in for a launch-bound GPU step).
-    "dcgan64-thin": [
-        "data.resolution=64",
-        "model.latent_dim=100",
-        "model.g_width=4",
-        "model.d_width=4",
-        "model.g_norm=batch",
-        "model.d_norm=batch",
-        "loss.kind=nonsaturating",
-        "train.batch_size=4",
-    ],
+    # dcgan64's layers with 4 channels a layer and 4 images a batch (a later override wins): the
+    # arithmetic is negligible, so on a CPU the step's time is its per-operator host cost, the
+    # cost that bounds a small model on a fast GPU (a stand-in for a launch-bound GPU step).
+    "dcgan64-thin": [*DCGAN64, "model.g_width=4", "model.d_width=4", "train.batch_size=4"],
 }
 VARIANTS = {
     "ganpipe fp32": [],

@@ -75,11 +75,9 @@ def main() -> None:
             parser.error(f"unknown model {model!r}; known: {', '.join(MODELS)}")
         config = _config(model, [], args.device)
         data = host_data(config)
-        loops = {}
-        for version, module in versions.items():
-            # TrainingState.step calls the train_step of pipelines.loop's namespace.
-            pipelines.loop.train_step = module.train_step
-            loops[version] = ganpipe_loop(config, data, device)
+        # Same config and seed: two identical states. Which train_step each runs is set per
+        # block (seconds_per_step): TrainingState.step looks it up in pipelines.loop.
+        loops = {version: ganpipe_loop(config, data, device) for version in versions}
 
         seconds: dict[str, list[float]] = {version: [] for version in versions}
         for version, module in versions.items():  # warm-up
