@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,15 +311,15 @@ class _GcTime:
         self.collections[info["generation"]] += 1
 
 
-def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[dict, float]:
-    """Warm-up, then ``job["steps"]`` timed steps; rank 0's figures and this rank's CPU time."""
+def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int], None]:
+    """This rank's step of the reference loop (``job["mode"]``: ``bare`` or ``state``), its
+    models built and its shards read: ``step(i)`` trains step ``i``."""
     config = config_from_dict(job["config"])
     t = config.train
     shape = tuple(job["shape"])
     own = concat([read_shard(p, shape) for p in job["shards"][rank::world]])
     data, labels = to_model_range(own.images), torch.from_numpy(own.labels)
     local_batch = t.batch_size // world
-    counts = _count_all_reduces() if job.get("count_all_reduces") else None
 
     if job["mode"] == "state":
         state = TrainingState(config, channels=shape[0], device=torch.device("cpu"), rank=rank)
@@ -345,6 +346,15 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
             real = data[index]
             bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, config.loss.kind)
+
+    return step
+
+
+def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[dict, float]:
+    """Warm-up, then ``job["steps"]`` timed steps; rank 0's figures and this rank's CPU time."""
+    counts = _count_all_reduces() if job.get("count_all_reduces") else None
+    step = reference_step(rank, world, job)
+    batch_size = config_from_dict(job["config"]).train.batch_size
 
     def barrier() -> None:
         if world > 1:
@@ -386,7 +396,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
         # Below 1.0: rank 0 waited (for the other rank, or for a core others were using).
         "cpu_busy": cpu_s / elapsed,
         "elapsed_s": elapsed,
-        "images_per_s": t.batch_size * job["steps"] / elapsed,
+        "images_per_s": batch_size * job["steps"] / elapsed,
         "load_start": load_start,
         "load_end": loadavg(),
         # Python's cyclic garbage collector: its pauses grow with every object the process

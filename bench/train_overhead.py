@@ -30,6 +30,9 @@ when other programs want the CPU, a Ray Train worker yields to them, and so shou
 
 Rounds alternate the order of the variants (ABAB, BABA, ...) because other processes share the
 CPU; the ratio of each round is taken between runs next to each other, and the median printed.
+On the project's shared 2-core VMs neighbouring runs of the same code differ by 10-25 %:
+bench/pipeline_ab.py measures ``ray`` against ``bare`` with the two taking turns on the CPU,
+which cancels that drift, and bench/worker_ab.py does the same for the reference loops.
 """
 
 from __future__ import annotations
