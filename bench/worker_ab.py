@@ -14,7 +14,8 @@ side that waits blocks on a socket (no CPU). The ratio is taken for each pair of
 blocks, and the median printed: the machine's drift falls on both sides alike.
 
 A side is ``HOST:MODE``, with config overrides of its own after ``+`` if any
-(``process:bare+model.g_norm=batch+model.d_norm=batch``):
+(``process:bare+model.g_norm=batch+model.d_norm=batch``; a value cannot hold ``+`` or ``,``,
+and ``train.workers`` and ``data.*`` are the same for both sides):
 
 * HOST ``ray``: ``--workers`` Ray Train workers (``TorchTrainer``, gloo, one CPU and one torch
   thread each, Ray's niceness); ``process``: as many ``torch.multiprocessing`` processes (gloo
@@ -45,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from harness import (
     RAY_WORKER_NICENESS,
+    Dataset,
     loadavg,
     machine,
     median,
@@ -52,7 +54,7 @@ from harness import (
     write_dataset,
 )
 
-from pipelines.config import load_config
+from pipelines.config import Config, ConfigError, load_config
 
 HOSTS = ("ray", "process")
 MODES = ("state", "bare")
@@ -104,8 +106,30 @@ def or_exit(function: Any, *args: Any, **kwargs: Any) -> None:
         os._exit(1)
 
 
-def start_side(job: dict[str, Any], world: int, storage: Path) -> threading.Thread:
-    """One side's ranks, from a driver thread that returns when they have stopped."""
+def start_side(
+    side: str,
+    config: Config,
+    dataset: Dataset,
+    listener: Listener,
+    authkey: bytes,
+    *,
+    warmup: int,
+    storage: Path,
+) -> threading.Thread:
+    """One side's ``config.train.workers`` ranks, each of which warms up, then connects to
+    ``listener``; started from a driver thread that returns when they have stopped."""
+    job = {
+        "config": config.to_dict(),
+        "shards": dataset.shards,
+        "shape": list(dataset.shape),
+        "side": side,
+        "mode": side.split("+")[0].partition(":")[2],
+        "warmup": warmup,
+        "nice": RAY_WORKER_NICENESS,
+        "address": list(listener.address),
+        "authkey": authkey.hex(),
+    }
+    world = config.train.workers
     storage.mkdir(parents=True)
     if job["side"].startswith("ray:"):
         from ray.train import LoggingConfig, RunConfig, ScalingConfig
@@ -138,6 +162,16 @@ def start_side(job: dict[str, Any], world: int, storage: Path) -> threading.Thre
     return thread
 
 
+def accept_ranks(listener: Listener, count: int) -> dict[str, list[Connection]]:
+    """The connections of ``count`` ranks, by side and rank."""
+    ranks: dict[str, dict[int, Connection]] = {}
+    for _ in range(count):
+        connection = listener.accept()
+        side, rank = connection.recv()
+        ranks.setdefault(side, {})[rank] = connection
+    return {side: [by_rank[r] for r in sorted(by_rank)] for side, by_rank in ranks.items()}
+
+
 def run_block(ranks: list[Connection], steps: int) -> tuple[float, float]:
     """One block on one side: rank 0's wall seconds and all ranks' CPU seconds."""
     for rank in ranks:
@@ -160,6 +194,14 @@ def parse_sides(text: str) -> tuple[str, str]:
                 f"side {side!r} is not HOST:MODE[+key=value...] with HOST in {HOSTS} and MODE "
                 f"in {MODES}"
             )
+        for override in side.split("+")[1:]:
+            key = override.partition("=")[0]
+            if key == "train.workers" or key.startswith("data."):
+                # Both sides run --workers ranks on one dataset, written once.
+                raise ValueError(
+                    f"side {side!r}: {key} cannot differ between the sides; use --workers, or "
+                    "an override after -- for both"
+                )
     if all(side.startswith("ray:") for side in sides):
         # Two trainers would each hold --workers CPUs: on 2 cores the second would never start.
         raise ValueError("at most one side can be ray: compare it with a process side")
@@ -185,39 +227,41 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"load average at start: {loadavg()}")
     print(f"niceness: {RAY_WORKER_NICENESS} on both sides")
-    if any(side.startswith("ray:") for side in sides):
-        from pipelines.runner import init_ray
-
-        init_ray()
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"workdir={tmp}", f"train.workers={args.workers}", "train.eval_every=0"]
-        configs = {
-            side: load_config(None, [*common, *args.overrides, *side.split("+")[1:]])
-            for side in sides
-        }
+        try:
+            configs = {
+                side: load_config(None, [*common, *args.overrides, *side.split("+")[1:]])
+                for side in sides
+            }
+        except ConfigError as exc:
+            parser.error(str(exc))
+        if any(side.startswith("ray:") for side in sides):
+            import ray
+
+            from pipelines.runner import init_ray
+
+            init_ray()
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if args.workers > cpus:  # the trainer would wait for them, and the driver for ever
+                parser.error(f"--workers {args.workers}: this Ray cluster has {cpus:g} CPUs")
         config = configs[sides[0]]
         dataset = write_dataset(config, Path(tmp) / "dataset")
         authkey = secrets.token_bytes(16)
         with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
-            threads = []
-            for i, side in enumerate(sides):
-                job = {
-                    "config": configs[side].to_dict(),
-                    "shards": dataset.shards,
-                    "shape": list(dataset.shape),
-                    "side": side,
-                    "mode": side.split("+")[0].partition(":")[2],
-                    "warmup": args.warmup,
-                    "nice": RAY_WORKER_NICENESS,
-                    "address": list(listener.address),
-                    "authkey": authkey.hex(),
-                }
-                threads.append(start_side(job, args.workers, Path(tmp) / f"side{i}"))
-            ranks: dict[str, list[Any]] = {side: [None] * args.workers for side in sides}
-            for _ in range(len(sides) * args.workers):
-                connection = listener.accept()
-                side, rank = connection.recv()
-                ranks[side][rank] = connection
+            threads = [
+                start_side(
+                    side,
+                    configs[side],
+                    dataset,
+                    listener,
+                    authkey,
+                    warmup=args.warmup,
+                    storage=Path(tmp) / f"side{i}",
+                )
+                for i, side in enumerate(sides)
+            ]
+            ranks = accept_ranks(listener, len(sides) * args.workers)
             print(f"both sides warmed up; load {loadavg()}", flush=True)
 
             a, b = sides
@@ -249,8 +293,9 @@ def main() -> None:
     low, high = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
     print()
     print(f"{args.workers} worker(s), {args.pairs} pairs of {args.block}-step blocks")
+    width = max(len(side) for side in sides)
     for side in sides:
-        print(f"  {side:14s} {median(rates[side]):7.0f} images/s (median block)")
+        print(f"  {side:{width}s} {median(rates[side]):7.0f} images/s (median block)")
     print(
         f"  {a} / {b}, images/s: {median(wall_ratios):.3f} (median of pairs; quartiles "
         f"{low:.3f}-{high:.3f}); images per CPU-second: {median(cpu_ratios):.3f}"
