@@ -131,7 +131,7 @@ def start_side(
     }
     world = config.train.workers
     storage.mkdir(parents=True)
-    if job["side"].startswith("ray:"):
+    if side.startswith("ray:"):
         from ray.train import LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
