@@ -62,7 +62,6 @@ class Turns:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.intervals: list[list[float]] = [[time.time(), float("inf")]]  # running already
-        self.paused = False
 
     def _signal(self, number: int) -> None:
         for pid in self.pids:
@@ -72,14 +71,16 @@ class Turns:
                 raise SystemExit(f"Ray Train worker {pid} is gone: the pipeline failed")
             os.kill(pid, number)
 
+    @property
+    def paused(self) -> bool:
+        return self.intervals[-1][1] != float("inf")
+
     def pause(self) -> None:
         self._signal(signal.SIGSTOP)
-        self.paused = True
         self.intervals[-1][1] = time.time()
 
     def resume(self) -> None:
         self.intervals.append([time.time(), float("inf")])
-        self.paused = False
         self._signal(signal.SIGCONT)
 
     def end(self) -> None:
@@ -88,7 +89,6 @@ class Turns:
             for pid in self.pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-            self.paused = False
         else:
             self.intervals[-1][1] = time.time()
 

@@ -106,6 +106,13 @@ def or_exit(function: Any, *args: Any, **kwargs: Any) -> None:
         os._exit(1)
 
 
+def split_side(side: str) -> tuple[str, str, list[str]]:
+    """``"process:bare+model.g_norm=batch"`` -> ``("process", "bare", ["model.g_norm=batch"])``."""
+    head, *overrides = side.split("+")
+    host, _, mode = head.partition(":")
+    return host, mode, overrides
+
+
 def start_side(
     side: str,
     config: Config,
@@ -123,7 +130,7 @@ def start_side(
         "shards": dataset.shards,
         "shape": list(dataset.shape),
         "side": side,
-        "mode": side.split("+")[0].partition(":")[2],
+        "mode": split_side(side)[1],
         "warmup": warmup,
         "nice": RAY_WORKER_NICENESS,
         "address": list(listener.address),
@@ -131,7 +138,7 @@ def start_side(
     }
     world = config.train.workers
     storage.mkdir(parents=True)
-    if side.startswith("ray:"):
+    if split_side(side)[0] == "ray":
         from ray.train import LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -188,13 +195,13 @@ def parse_sides(text: str) -> tuple[str, str]:
             f"--sides takes two different sides (e.g. ray:state,process:bare): {text!r}"
         )
     for side in sides:
-        host, _, mode = side.split("+")[0].partition(":")
+        host, mode, overrides = split_side(side)
         if host not in HOSTS or mode not in MODES:
             raise ValueError(
                 f"side {side!r} is not HOST:MODE[+key=value...] with HOST in {HOSTS} and MODE "
                 f"in {MODES}"
             )
-        for override in side.split("+")[1:]:
+        for override in overrides:
             key = override.partition("=")[0]
             if key == "train.workers" or key.startswith("data."):
                 # Both sides run --workers ranks on one dataset, written once.
@@ -202,7 +209,7 @@ def parse_sides(text: str) -> tuple[str, str]:
                     f"side {side!r}: {key} cannot differ between the sides; use --workers, or "
                     "an override after -- for both"
                 )
-    if all(side.startswith("ray:") for side in sides):
+    if all(split_side(side)[0] == "ray" for side in sides):
         # Two trainers would each hold --workers CPUs: on 2 cores the second would never start.
         raise ValueError("at most one side can be ray: compare it with a process side")
     return sides[0], sides[1]
@@ -227,24 +234,24 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"load average at start: {loadavg()}")
     print(f"niceness: {RAY_WORKER_NICENESS} on both sides")
+    # Here, not at the top: every spawned rank imports this module, and needs neither.
+    from pipelines.runner import check_local_resources, init_ray
+
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"workdir={tmp}", f"train.workers={args.workers}", "train.eval_every=0"]
         try:
             configs = {
-                side: load_config(None, [*common, *args.overrides, *side.split("+")[1:]])
+                side: load_config(None, [*common, *args.overrides, *split_side(side)[2]])
                 for side in sides
             }
+            ray_sides = [side for side in sides if split_side(side)[0] == "ray"]
+            # The trainer would wait for CPUs this machine's Ray lacks, and the driver for ever.
+            for side in ray_sides:
+                check_local_resources(configs[side])
         except ConfigError as exc:
             parser.error(str(exc))
-        if any(side.startswith("ray:") for side in sides):
-            import ray
-
-            from pipelines.runner import init_ray
-
+        if ray_sides:
             init_ray()
-            cpus = ray.cluster_resources().get("CPU", 0)
-            if args.workers > cpus:  # the trainer would wait for them, and the driver for ever
-                parser.error(f"--workers {args.workers}: this Ray cluster has {cpus:g} CPUs")
         config = configs[sides[0]]
         dataset = write_dataset(config, Path(tmp) / "dataset")
         authkey = secrets.token_bytes(16)
