@@ -209,7 +209,7 @@ def _ray_process_name(cmdline: str) -> str:
 # ------------------------------------------------------------------ reference loops (no Ray)
 
 
-def _ddp(module: nn.Module) -> DistributedDataParallel:
+def wrap_ddp(module: nn.Module) -> DistributedDataParallel:
     # As pipelines/train.py: sync batch norm keeps buffers equal, no broadcast per forward.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         return DistributedDataParallel(module, forward_sync_buffers=False)
@@ -324,7 +324,7 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
     if job["mode"] == "state":
         state = TrainingState(config, channels=shape[0], device=torch.device("cpu"), rank=rank)
         g, d, rng = state.generator, state.discriminator, state.rng
-        g_run, d_run = (_ddp(g), _ddp(d)) if world > 1 else (g, d)
+        g_run, d_run = (wrap_ddp(g), wrap_ddp(d)) if world > 1 else (g, d)
 
         def step(i: int) -> None:
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
@@ -339,7 +339,7 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
         opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
         opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
         rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
-        g_run, d_run = (_ddp(g), _ddp(d)) if world > 1 else (g, d)
+        g_run, d_run = (wrap_ddp(g), wrap_ddp(d)) if world > 1 else (g, d)
         latent = config.model.latent_dim
 
         def step(i: int) -> None:

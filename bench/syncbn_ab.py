@@ -1,0 +1,297 @@
+"""Synchronized batch norm against plain batch norm (and an earlier revision of it), in turns.
+
+    python bench/syncbn_ab.py                       # today's sync batch norm / batch norm
+    python bench/syncbn_ab.py --before HEAD~1       # also that commit's sync batch norm
+    python bench/syncbn_ab.py --breakdown           # then CPU per thread, exchange waits
+    python bench/syncbn_ab.py -- model.d_norm=sync_batch model.g_width=64
+
+Two ranks (``torch.multiprocessing``, gloo through a file store, one torch thread each, Ray's
+niceness) each hold one bare DCGAN loop (bench/harness.py's ``bare_step``, DDP) per variant:
+
+* ``batch``: every ``sync_batch`` norm of the config replaced by plain ``batch``;
+* ``sync``: the config as given (the default: sync batch norm in G);
+* ``before``, with ``--before REV``: the same models, their sync batch norm layers running
+  ``gan/nn/sync_batchnorm.py`` and ``gan/nn/stats_exchange.py`` as they were at REV.
+
+The variants train in turns, a block of ``--block`` steps each, their order rotating every
+round; both ranks start and end every block together. The machine's drift, which moves one run
+against the next by 10 % and more on a shared 2-core VM, falls on all variants alike. Printed:
+milliseconds per step (median block), and the median over rounds of each ratio of step times
+with its quartiles, by wall clock and by the CPU time of both ranks. ``--breakdown`` then runs
+five more blocks of ``batch`` and of ``sync`` and prints where rank 0's time went: CPU per thread,
+and the CPU and the wait of each call to sync batch norm's exchange.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from harness import (
+    RAY_WORKER_NICENESS,
+    bare_step,
+    cpu_ticks,
+    loadavg,
+    machine,
+    median,
+    wrap_ddp,
+    write_dataset,
+)
+
+from gan.data.arrays import to_model_range
+from gan.data.shards import concat, read_shard
+from gan.nn import sync_batchnorm
+from gan.nn.sync_batchnorm import SyncBatchNorm
+from pipelines.config import Config, ConfigError, config_from_dict, load_config
+from pipelines.loop import build_models
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+SYNC_FILES = ("stats_exchange", "sync_batchnorm")
+
+
+def sources_at(revision: str) -> dict[str, str]:
+    """The sync batch norm modules' source at ``revision`` of this repository."""
+    sources = {}
+    for name in SYNC_FILES:
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:gan/nn/{name}.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        if shown.returncode != 0:
+            raise ValueError(f"--before {revision}: {shown.stderr.strip()}")
+        sources[name] = shown.stdout
+    return sources
+
+
+def sync_batch_norm_class(sources: dict[str, str]) -> type:
+    """The ``SyncBatchNorm`` of ``sources``, calling the exchange of ``sources`` (not today's)."""
+    modules = {}
+    for name in SYNC_FILES:
+        module = types.ModuleType(f"before_{name}")
+        exec(compile(sources[name], f"<before {name}.py>", "exec"), module.__dict__)
+        modules[name] = module
+    modules["sync_batchnorm"].all_reduce_sum = modules["stats_exchange"].all_reduce_sum
+    return modules["sync_batchnorm"].SyncBatchNorm
+
+
+def _variant_step(
+    config: Config, channels: int, data: torch.Tensor, rank: int, layer: type | None
+) -> Callable[[], None]:
+    """One variant's models, optimizers and ``step()``; ``layer``: a class for its sync batch
+    norm layers (None: as built)."""
+    torch.manual_seed(config.train.seed)
+    g, d = build_models(config, channels)
+    if layer is not None:
+        for module in (*g.modules(), *d.modules()):
+            if isinstance(module, SyncBatchNorm):
+                module.__class__ = layer
+    o = config.optim
+    opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    g_run, d_run = wrap_ddp(g), wrap_ddp(d)
+    rng = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
+    local_batch = config.train.batch_size // WORLD
+    latent, loss = config.model.latent_dim, config.loss.kind
+
+    def step() -> None:
+        real = data[torch.randint(0, data.shape[0], (local_batch,), generator=rng)]
+        bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, loss)
+
+    return step
+
+
+def _thread_seconds() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by ``name:tid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            seconds[f"{name}:{task.name}"] = cpu_ticks(task / "stat") / tick
+    return seconds
+
+
+def breakdown(step: Callable[[], None], steps: int) -> list[str]:
+    """Run ``steps`` steps and say where this rank's time went: CPU per thread, and per call of
+    sync batch norm's exchange its CPU and its wait (wall clock less CPU: the peer was late)."""
+    calls: list[tuple[float, float]] = []
+    exchange = sync_batchnorm.all_reduce_sum
+
+    def timed(tensor: torch.Tensor, group: Any = None) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        exchange(tensor, group)
+        cpu = time.thread_time() - cpu
+        calls.append((cpu, time.perf_counter() - wall - cpu))
+
+    sync_batchnorm.all_reduce_sum = timed
+    try:
+        before, started = _thread_seconds(), time.perf_counter()
+        for _ in range(steps):
+            step()
+        after, elapsed = _thread_seconds(), time.perf_counter() - started
+    finally:
+        sync_batchnorm.all_reduce_sum = exchange
+    lines = [f"{elapsed / steps * 1e3:.2f} ms per step; CPU ms per step by thread:"]
+    for thread, seconds in sorted(after.items(), key=lambda item: -item[1]):
+        used = (seconds - before.get(thread, 0.0)) / steps * 1e3
+        if used >= 0.05:
+            lines.append(f"    {thread:28s} {used:6.2f}")
+    if calls:
+        cpus = sorted(cpu for cpu, _ in calls)
+        waits = sorted(wait for _, wait in calls)
+        lines.append(
+            f"  exchanges: {len(calls) / steps:.0f} per step; CPU per call median "
+            f"{median(cpus) * 1e6:.0f} us; wait per call median {median(waits) * 1e6:.0f} us, "
+            f"90th percentile {waits[int(0.9 * len(waits))] * 1e6:.0f} us, "
+            f"{sum(waits) / steps * 1e3:.2f} ms per step"
+        )
+    return lines
+
+
+def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cover - a child
+    torch.set_num_threads(1)
+    os.nice(RAY_WORKER_NICENESS)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(minutes=5),  # a rank that failed stops the other at its next block
+    )
+    shape = tuple(job["shape"])
+    own = concat([read_shard(p, shape) for p in job["shards"][rank::WORLD]])
+    data = to_model_range(own.images)
+    before = sync_batch_norm_class(job["before"]) if job["before"] else None
+    steps = {
+        name: _variant_step(config_from_dict(job["configs"][name]), shape[0], data, rank, layer)
+        for name, layer in (("batch", None), ("sync", None), ("before", before))
+        if name in job["configs"]
+    }
+    names = list(steps)
+    for name in names:
+        for _ in range(job["warmup"]):
+            steps[name]()
+    if rank == 0:
+        print(f"warmed up; load {loadavg()}", flush=True)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for round_ in range(job["rounds"]):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            dist.barrier()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for _ in range(job["block"]):
+                steps[name]()
+            dist.barrier()  # the block ends when the slower rank is done
+            times[name].append((time.perf_counter() - started, time.process_time() - cpu_started))
+        if rank == 0 and (round_ + 1) % 10 == 0:
+            print(f"rounds {round_ + 1:3d}: {'; '.join(_ratios(times))}", flush=True)
+    everyone: list[Any] = [None] * WORLD
+    dist.all_gather_object(everyone, times)
+    if rank == 0:
+        cpu = {n: [sum(r[n][i][1] for r in everyone) for i in range(len(times[n]))] for n in names}
+        print(f"\n2 ranks, {job['rounds']} rounds of {job['block']}-step blocks")
+        for name in names:
+            ms = median([wall for wall, _ in times[name]]) / job["block"] * 1e3
+            print(f"  {name:7s} {ms:6.2f} ms per step (median block)")
+        print("", *_ratios(times, cpu), sep="\n  ")
+        print(f"load average at end: {loadavg()}")
+    if job["breakdown"]:
+        for name in ("batch", "sync"):
+            dist.barrier()
+            lines = breakdown(steps[name], job["block"] * 5)
+            if rank == 0:
+                print(f"\nrank 0, {name}: " + "\n".join(lines), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _ratios(
+    times: dict[str, list[tuple[float, float]]], cpu: dict[str, list[float]] | None = None
+) -> list[str]:
+    """Each sync variant's step time over batch norm's (and today's over before's): the median
+    of the per-round ratios; with ``cpu`` (both ranks' CPU seconds per block), also their
+    quartiles and the median ratio of CPU time."""
+    pairs = [(name, "batch") for name in ("sync", "before") if name in times]
+    if "before" in times:
+        pairs.append(("sync", "before"))
+    lines = []
+    for a, b in pairs:
+        walls = sorted(x[0] / y[0] for x, y in zip(times[a], times[b], strict=True))
+        line = f"{a}/{b} {median(walls):.3f}"
+        if cpu is not None:
+            quarter = len(walls) // 4
+            line += f" (quartiles {walls[quarter]:.3f}-{walls[-1 - quarter]:.3f})"
+            line += f", CPU {median([x / y for x, y in zip(cpu[a], cpu[b], strict=True)]):.3f}"
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", help="a git revision whose sync batch norm to run as well")
+    parser.add_argument("--block", type=int, default=40, help="steps per block")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds (a block per variant)")
+    parser.add_argument("--warmup", type=int, default=50, help="steps per variant before")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="then say where rank 0's time goes: CPU per thread, sync batch norm's exchanges",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    args = parser.parse_args()
+    if args.block < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--block and --rounds must be at least 1, --warmup at least 0")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            given = [f"workdir={tmp}", "train.eval_every=0", *args.overrides, "train.workers=2"]
+            sync = load_config(None, given)
+            m = sync.model
+            plain = [
+                f"model.{k}=batch" for k in ("g_norm", "d_norm") if getattr(m, k) == "sync_batch"
+            ]
+            batch = load_config(None, [*given, *plain])
+            before = sources_at(args.before) if args.before else {}
+        except (ConfigError, ValueError) as exc:
+            parser.error(str(exc))
+        if not plain:
+            parser.error("neither model.g_norm nor model.d_norm is sync_batch: nothing to compare")
+        configs = {"batch": batch.to_dict(), "sync": sync.to_dict()}
+        if before:
+            configs["before"] = sync.to_dict()
+        print(f"machine: {machine()}")
+        print(f"load average at start: {loadavg()}; niceness {RAY_WORKER_NICENESS}")
+        print(f"model: g_norm={sync.model.g_norm}, d_norm={sync.model.d_norm}", end="")
+        print(f"; before: {args.before}" if args.before else "", flush=True)
+        dataset = write_dataset(sync, Path(tmp) / "dataset")
+        job = {
+            "configs": configs,
+            "before": before,
+            "shards": dataset.shards,
+            "shape": list(dataset.shape),
+            "block": args.block,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "breakdown": args.breakdown,
+        }
+        mp.start_processes(
+            _rank, args=(str(Path(tmp) / "store"), job), nprocs=WORLD, start_method="spawn"
+        )
+
+
+if __name__ == "__main__":
+    main()
