@@ -10,7 +10,9 @@ process per rank, data read from the same Parquet shards, the batch sampled by i
   the pipeline: G and D wrapped separately, no buffer broadcast, fakes for D from the unwrapped G
   under no_grad, the G phase through the unwrapped D with its parameters frozen).
 * ``state``: ``pipelines.loop.TrainingState.step``, the pipeline's own step (schedules, figures,
-  gradient norms) in the same processes, without Ray: what the pipeline adds inside the step.
+  gradient norms) and DDP as the pipeline arranges it (on CPU, gradients over the direct
+  connections of gan.nn.stats_exchange) in the same processes, without Ray: what the pipeline
+  does differently inside the step.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ def _ray_process_name(cmdline: str) -> str:
 
 
 def wrap_ddp(module: nn.Module) -> DistributedDataParallel:
-    # As pipelines/train.py: sync batch norm keeps buffers equal, no broadcast per forward.
+    """DDP as the bare loop uses it: gradients through gloo, and, as in pipelines/train.py, no
+    buffer broadcast per forward (sync batch norm keeps buffers equal)."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         return DistributedDataParallel(module, forward_sync_buffers=False)
     return DistributedDataParallel(module, broadcast_buffers=False)
@@ -322,9 +325,11 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
     local_batch = t.batch_size // world
 
     if job["mode"] == "state":
+        from pipelines.train import _ddp as pipeline_ddp  # gradients over direct connections
+
         state = TrainingState(config, channels=shape[0], device=torch.device("cpu"), rank=rank)
         g, d, rng = state.generator, state.discriminator, state.rng
-        g_run, d_run = (wrap_ddp(g), wrap_ddp(d)) if world > 1 else (g, d)
+        g_run, d_run = (pipeline_ddp(g), pipeline_ddp(d)) if world > 1 else (g, d)
 
         def step(i: int) -> None:
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)

@@ -6,7 +6,10 @@
     python bench/syncbn_ab.py -- model.d_norm=sync_batch model.g_width=64
 
 Two ranks (``torch.multiprocessing``, gloo through a file store, one torch thread each, Ray's
-niceness) each hold one bare DCGAN loop (bench/harness.py's ``bare_step``, DDP) per variant:
+niceness) each hold one bare DCGAN loop (bench/harness.py's ``bare_step``) per variant, with DDP
+as the pipeline arranges it (pipelines/train.py: on CPU, the gradients go over the same direct
+connections as the statistics; ``GANPIPE_SYNC_BN_EXCHANGE=process_group`` sends both through
+gloo):
 
 * ``batch``: every ``sync_batch`` norm of the config replaced by plain ``batch``;
 * ``sync``: the config as given (the default: sync batch norm in G);
@@ -46,7 +49,6 @@ from harness import (
     loadavg,
     machine,
     median,
-    wrap_ddp,
     write_dataset,
 )
 
@@ -56,6 +58,7 @@ from gan.nn import sync_batchnorm
 from gan.nn.sync_batchnorm import SyncBatchNorm
 from pipelines.config import Config, ConfigError, config_from_dict, load_config
 from pipelines.loop import build_models
+from pipelines.train import _ddp as pipeline_ddp
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -103,7 +106,7 @@ def _variant_step(
     o = config.optim
     opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    g_run, d_run = wrap_ddp(g), wrap_ddp(d)
+    g_run, d_run = pipeline_ddp(g), pipeline_ddp(d)
     rng = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
     local_batch = config.train.batch_size // WORLD
     latent, loss = config.model.latent_dim, config.loss.kind

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
 from gan.monitor import DistanceProbe
+from gan.nn.stats_exchange import ddp_comm_hook, exchange
 from gan.step import StepStats
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
@@ -75,10 +76,17 @@ def _gather(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
 
 def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
     """DDP without a buffer broadcast per forward: sync batch norm keeps buffers equal already,
-    and the broadcast would overwrite buffers between D's two forwards (breaks on CUDA)."""
+    and the broadcast would overwrite buffers between D's two forwards (breaks on CUDA). On CPU
+    the gradients go over the direct connections of gan.nn.stats_exchange, not through gloo,
+    unless GANPIPE_SYNC_BN_EXCHANGE=process_group."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        return DistributedDataParallel(module, forward_sync_buffers=False)
-    return DistributedDataParallel(module, broadcast_buffers=False)
+        ddp = DistributedDataParallel(module, forward_sync_buffers=False)
+    else:
+        ddp = DistributedDataParallel(module, broadcast_buffers=False)
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    if on_cpu and exchange() == "tcp":
+        ddp.register_comm_hook(None, ddp_comm_hook)
+    return ddp
 
 
 def _probe(

@@ -1,4 +1,4 @@
-"""Sums of small CPU tensors across the ranks of a process group, over direct TCP connections.
+"""Sums of CPU tensors across the ranks of a process group, over direct TCP connections.
 
 Synchronized batch norm on CPU makes two tiny all-reduces per layer and step (a few hundred
 numbers each). Through gloo each one took 0.6 to 2.7 ms between two processes on 2 cores, over a
@@ -8,18 +8,28 @@ before the receive is posted, taking a core from the rank that is still computin
 calling thread writes to and reads from one connection per peer itself, and the kernel keeps an
 early message in the socket buffer until it is read.
 
+DDP's gradient all-reduce on CPU went through gloo too, whose loop thread used about 9 % of a
+core per rank at 2 workers. :func:`ddp_comm_hook` sends the gradients over the same connections,
+in the thread that runs backward: at 2 workers on 2 cores the pipeline through Ray Train went
+from 0.97 to 1.08 of a bare DDP loop that keeps gloo (docs/benchmarks.md). It gives up gloo's
+overlap of the all-reduce with the rest of backward, and each rank sends its gradients to every
+other rank ((N - 1) times their size, where a ring sends about twice): right for a few CPU
+workers, and ``GANPIPE_SYNC_BN_EXCHANGE=process_group`` turns it off.
+
 Each rank sums the same tensors in rank order, so every rank gets bit-identical results, as the
-statistics of synchronized batch norm require. The connections are made on first use in a group
-(a collective call: every rank of the group must make it) with the group's own process group
-handing out the addresses. ``GANPIPE_SYNC_BN_EXCHANGE=process_group`` sends everything through
-``torch.distributed.all_reduce`` instead, for networks where ranks cannot open connections to
-each other's ephemeral ports.
+statistics of synchronized batch norm and the replicas of DDP require. The connections are made
+on first use in a group (a collective call: every rank of the group must make it) with the
+group's own process group handing out the addresses. ``GANPIPE_SYNC_BN_EXCHANGE=process_group``
+sends everything through ``torch.distributed.all_reduce`` instead, for networks where ranks
+cannot open connections to each other's ephemeral ports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import selectors
 import socket
 import struct
 import time
@@ -31,13 +41,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["EXCHANGES", "EXCHANGE_ENV", "MAX_EXCHANGE_BYTES", "all_reduce_sum"]
+__all__ = [
+    "EXCHANGES",
+    "EXCHANGE_ENV",
+    "MAX_BLOCKING_BYTES",
+    "all_reduce_sum",
+    "ddp_comm_hook",
+    "exchange",
+]
 
 EXCHANGE_ENV = "GANPIPE_SYNC_BN_EXCHANGE"
 EXCHANGES = ("tcp", "process_group")
-# Larger tensors go through the process group: every rank sends before it receives, which cannot
-# deadlock while a message fits in the peer's receive buffer (Linux's default: 128 KiB).
-MAX_EXCHANGE_BYTES = 64 * 1024
+# Up to this size every rank sends before it receives, which cannot deadlock while a message fits
+# in the peer's receive buffer (Linux's default: 128 KiB); larger ones are sent while receiving.
+MAX_BLOCKING_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 60.0
 # As long as torch's default process-group timeout: a rank that stops answering fails its peers.
 RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
@@ -47,19 +64,22 @@ _TOKEN_BYTES = 16
 _meshes: weakref.WeakKeyDictionary[Any, _Mesh] = weakref.WeakKeyDictionary()
 
 
+def exchange() -> str:
+    """Where CPU tensors are summed: ``tcp`` (the default) or ``process_group``, from
+    :data:`EXCHANGE_ENV`; ValueError for anything else."""
+    kind = os.environ.get(EXCHANGE_ENV, "tcp")
+    if kind not in EXCHANGES:
+        raise ValueError(
+            f"{EXCHANGE_ENV}={kind!r} is not an exchange; use one of {', '.join(EXCHANGES)}"
+        )
+    return kind
+
+
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> None:
-    """Replace the 1-D CPU ``tensor`` by its sum over the ranks of ``group`` (default: world)."""
+    """Replace the CPU ``tensor`` by its sum over the ranks of ``group`` (default: world)."""
     if group is None:
         group = dist.group.WORLD
-    exchange = os.environ.get(EXCHANGE_ENV, "tcp")
-    if exchange not in EXCHANGES:
-        raise ValueError(
-            f"{EXCHANGE_ENV}={exchange!r} is not an exchange; use one of {', '.join(EXCHANGES)}"
-        )
-    small = tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= (
-        MAX_EXCHANGE_BYTES
-    )
-    if exchange == "process_group" or not small:
+    if exchange() == "process_group" or tensor.device.type != "cpu":
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return
     if tensor.numel() == 0:
@@ -68,6 +88,23 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> None:
     if mesh is None:
         mesh = _meshes[group] = _Mesh(group)
     mesh.all_reduce_sum(tensor)
+
+
+def ddp_comm_hook(group, bucket):  # type: ignore[no-untyped-def]
+    """A ``DistributedDataParallel`` communication hook that averages each bucket of gradients
+    (a ``dist.GradBucket``) over ``group`` (None: world) with :func:`all_reduce_sum`, in the
+    thread that runs backward, and returns a completed ``torch.futures.Future`` of them:
+    ``ddp.register_comm_hook(None, ddp_comm_hook)``. DDP hands the buckets over in the same
+    order on every rank, as the connections need.
+
+    Unannotated on purpose: DDP compares a hook's annotations with ``dist.GradBucket`` and
+    ``Future[Tensor]`` themselves, and this module's annotations are strings."""
+    gradients = bucket.buffer()
+    all_reduce_sum(gradients, group)
+    gradients.div_(dist.get_world_size(group))
+    done: torch.futures.Future[Tensor] = torch.futures.Future()
+    done.set_result(gradients)
+    return done
 
 
 def _advertised_host() -> str:
@@ -121,7 +158,7 @@ class _Mesh:
             conn.sendall(token + _RANK_HEADER.pack(self.rank))
         except OSError as error:
             raise RuntimeError(
-                f"sync batch norm: rank {self.rank} cannot connect to rank {peer} at "
+                f"exchange between ranks: rank {self.rank} cannot connect to rank {peer} at "
                 f"{host}:{port} ({error}); open the ranks' ephemeral ports to each other "
                 f"or set {EXCHANGE_ENV}=process_group"
             ) from error
@@ -138,8 +175,8 @@ class _Mesh:
             except TimeoutError as error:
                 missing = ", ".join(str(r) for r in sorted(expected - accepted.keys()))
                 raise RuntimeError(
-                    f"sync batch norm: rank {self.rank} waited {CONNECT_TIMEOUT_S:.0f} s for "
-                    f"rank(s) {missing} to connect to {listener.getsockname()}; set "
+                    f"exchange between ranks: rank {self.rank} waited {CONNECT_TIMEOUT_S:.0f} s "
+                    f"for rank(s) {missing} to connect to {listener.getsockname()}; set "
                     f"{EXCHANGE_ENV}=process_group if they cannot reach it"
                 ) from error
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -159,20 +196,77 @@ class _Mesh:
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         flat = tensor.detach().contiguous().view(-1)
+        if flat.numel() * flat.element_size() <= MAX_BLOCKING_BYTES:
+            parts = self._send_then_receive(flat)
+        else:
+            parts = self._send_while_receiving(flat)
+        total = parts[0].clone()
+        for rank in range(1, self.size):
+            total += parts[rank]
+        tensor.copy_(total.view_as(tensor))
+
+    def _send_then_receive(self, flat: Tensor) -> dict[int, Tensor]:
+        """Every rank sends, then receives: the fewest system calls, for a message that fits in
+        the peer's receive buffer whether or not the peer is reading yet."""
         payload = flat.view(torch.uint8).numpy().tobytes()
         for peer, conn in self.peers.items():
             try:
                 conn.sendall(payload)
             except OSError as error:
                 raise self._lost(peer, error) from error
-        parts = {self.rank: flat.clone()}
+        parts = {self.rank: flat}
         for peer, conn in self.peers.items():
             received = self._receive(conn, len(payload), peer)
             parts[peer] = torch.frombuffer(received, dtype=flat.dtype)
-        total = parts[0].clone()
-        for rank in range(1, self.size):
-            total += parts[rank]
-        tensor.copy_(total.view_as(tensor))
+        return parts
+
+    def _send_while_receiving(self, flat: Tensor) -> dict[int, Tensor]:
+        """Sends to and receives from every peer at once, as each connection is ready: two ranks
+        that both sent a message larger than the socket buffers before reading would wait on
+        each other for ever."""
+        payload = memoryview(flat.view(torch.uint8).numpy())
+        size = len(payload)
+        parts = {peer: torch.empty_like(flat) for peer in self.peers}
+        inboxes = {peer: memoryview(parts[peer].view(torch.uint8).numpy()) for peer in self.peers}
+        sent = dict.fromkeys(self.peers, 0)
+        received = dict.fromkeys(self.peers, 0)
+        both = selectors.EVENT_READ | selectors.EVENT_WRITE
+        peer: int | str = "?"
+        with selectors.DefaultSelector() as selector:
+            for peer, conn in self.peers.items():
+                conn.setblocking(False)
+                selector.register(conn, both, peer)
+            try:
+                while selector.get_map():
+                    ready = selector.select(timeout=RECEIVE_TIMEOUT_S)
+                    if not ready:
+                        peer = ", ".join(str(key.data) for key in selector.get_map().values())
+                        raise TimeoutError(f"nothing for {RECEIVE_TIMEOUT_S:.0f} s")
+                    for key, events in ready:
+                        peer, conn = key.data, key.fileobj
+                        if events & selectors.EVENT_WRITE and sent[peer] < size:
+                            with contextlib.suppress(BlockingIOError):
+                                sent[peer] += conn.send(payload[sent[peer] :])
+                        if events & selectors.EVENT_READ and received[peer] < size:
+                            with contextlib.suppress(BlockingIOError):
+                                count = conn.recv_into(inboxes[peer][received[peer] :])
+                                if count == 0:
+                                    raise ConnectionError("connection closed")
+                                received[peer] += count
+                        wanted = (selectors.EVENT_WRITE if sent[peer] < size else 0) | (
+                            selectors.EVENT_READ if received[peer] < size else 0
+                        )
+                        if wanted:
+                            selector.modify(conn, wanted, peer)
+                        else:
+                            selector.unregister(conn)
+            except OSError as error:
+                raise self._lost(peer, error) from error
+            finally:
+                for conn in self.peers.values():
+                    conn.settimeout(RECEIVE_TIMEOUT_S)  # blocking again, for the small path
+        parts[self.rank] = flat
+        return parts
 
     def _receive(self, conn: socket.socket, size: int, peer: int | str) -> bytearray:
         buffer = bytearray(size)
@@ -190,8 +284,8 @@ class _Mesh:
 
     def _lost(self, peer: int | str, error: OSError) -> RuntimeError:
         return RuntimeError(
-            f"sync batch norm: rank {self.rank} lost its connection to rank {peer} ({error}); "
-            "did that worker stop?"
+            f"exchange between ranks: rank {self.rank} lost its connection to rank {peer} "
+            f"({error}); did that worker stop?"
         )
 
 

@@ -1,5 +1,5 @@
-"""gan.nn.stats_exchange across three gloo processes: sums, strangers at set-up, fallbacks and a
-lost peer."""
+"""gan.nn.stats_exchange across three gloo processes: sums small and large, strangers at set-up,
+DDP's gradients, the gloo fallback and a lost peer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from spawned_ranks import run_ranks
+from torch import nn
 
-from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_EXCHANGE_BYTES, all_reduce_sum
+from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_BLOCKING_BYTES, all_reduce_sum
+from pipelines.train import _ddp
 
 WORLD_SIZE = 3
+# float32 elements: just past the send-then-receive path, and far past a socket's buffers
+# (Linux's loopback autotunes them up to 4 MiB), where every rank sending first would deadlock.
+SIZES = {"over_blocking": MAX_BLOCKING_BYTES // 4 + 1, "over_buffers": 3 * 2**20}
 
 
 def _contribution(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -42,6 +47,28 @@ def _knock_before_connecting() -> None:
         dist.all_gather_object = real_gather
 
     dist.all_gather_object = gather_then_knock
+
+
+def _ddp_model() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        # About 70,000 parameters: DDP's default 25 MiB bucket takes them in one.
+        return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 64), nn.Linear(64, 1))
+
+
+def _ddp_gradients(rank: int) -> dict[str, Any]:
+    """One backward through the pipeline's DDP (pipelines.train._ddp) on rank-specific data,
+    and each rank's local gradients for the parent to average."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
+    local = _ddp_model()
+    local(x).square().mean().backward()
+    ddp = _ddp(_ddp_model())
+    ddp(x).square().mean().backward()
+    return {
+        "local": [p.grad for p in local.parameters()],
+        "averaged": [p.grad for p in ddp.module.parameters()],
+        "comm_hook": ddp._get_ddp_logging_data().get("comm_hook", ""),
+    }
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -69,11 +96,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             t = _contribution(rank, 257, dtype)
             all_reduce_sum(t)
             results[f"small_{dtype}"] = t
-        big = MAX_EXCHANGE_BYTES // 4 + 1  # float32 elements: one more than the exchange takes
-        t = _contribution(rank, big, torch.float32)
-        all_reduce_sum(t)
-        results["big"] = t
+        for name, numel in SIZES.items():
+            t = _contribution(rank, numel, torch.float32)
+            all_reduce_sum(t)
+            results[name] = t
         results["gloo_calls"] = list(gloo_calls)
+        results["ddp"] = _ddp_gradients(rank)
 
         os.environ[EXCHANGE_ENV] = "process_group"
         t = _contribution(rank, 5, torch.float64)
@@ -119,12 +147,30 @@ def test_every_rank_gets_the_same_bits_of_the_rank_order_sum(
         assert torch.equal(r[f"small_{dtype}"], expected)
 
 
-def test_small_tensors_bypass_gloo_and_big_ones_use_it(results: list[dict[str, Any]]) -> None:
-    big = MAX_EXCHANGE_BYTES // 4 + 1
-    expected = sum(_contribution(rank, big, torch.float32).double() for rank in range(WORLD_SIZE))
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_large_tensors_go_over_the_connections_too_without_deadlock(
+    results: list[dict[str, Any]], size: str
+) -> None:
+    expected = _contribution(0, SIZES[size], torch.float32).clone()
+    for rank in range(1, WORLD_SIZE):
+        expected += _contribution(rank, SIZES[size], torch.float32)
     for r in results:
-        assert r["gloo_calls"] == [big]
-        torch.testing.assert_close(r["big"].double(), expected, rtol=1e-6, atol=1e-3)
+        assert r["gloo_calls"] == []
+        assert torch.equal(r[size], expected)
+
+
+def test_ddp_gradients_are_the_same_average_on_every_rank_without_gloo(
+    results: list[dict[str, Any]],
+) -> None:
+    for i in range(len(results[0]["ddp"]["local"])):
+        total = results[0]["ddp"]["local"][i].clone()
+        for r in results[1:]:
+            total += r["ddp"]["local"][i]
+        for r in results:
+            assert torch.equal(r["ddp"]["averaged"][i], total / WORLD_SIZE)
+    for r in results:
+        assert "ddp_comm_hook" in r["ddp"]["comm_hook"]
+        assert r["gloo_calls"] == []
 
 
 def test_process_group_exchange_goes_through_gloo(results: list[dict[str, Any]]) -> None:
