@@ -3,6 +3,7 @@
     python bench/syncbn_ab.py                       # today's sync batch norm / batch norm
     python bench/syncbn_ab.py --before HEAD~1       # also that commit's sync batch norm
     python bench/syncbn_ab.py --breakdown           # then CPU per thread, exchange waits
+    python bench/syncbn_ab.py --gloo-gradients      # also both with DDP's gradients via gloo
     python bench/syncbn_ab.py -- model.d_norm=sync_batch model.g_width=64
 
 Two ranks (``torch.multiprocessing``, gloo through a file store, one torch thread each, Ray's
@@ -14,7 +15,10 @@ gloo):
 * ``batch``: every ``sync_batch`` norm of the config replaced by plain ``batch``;
 * ``sync``: the config as given (the default: sync batch norm in G);
 * ``before``, with ``--before REV``: the same models, their sync batch norm layers running
-  ``gan/nn/sync_batchnorm.py`` and ``gan/nn/stats_exchange.py`` as they were at REV.
+  ``gan/nn/sync_batchnorm.py`` and ``gan/nn/stats_exchange.py`` as they were at REV (the
+  gradients go as today's pipeline sends them);
+* ``batch-gloo`` and ``sync-gloo``, with ``--gloo-gradients``: ``batch`` and ``sync`` with
+  torch's DDP as it comes, the gradients averaged through gloo (bench/harness.py's ``wrap_ddp``).
 
 The variants train in turns, a block of ``--block`` steps each, their order rotating every
 round; both ranks start and end every block together. The machine's drift, which moves one run
@@ -49,6 +53,7 @@ from harness import (
     loadavg,
     machine,
     median,
+    wrap_ddp,
     write_dataset,
 )
 
@@ -63,6 +68,15 @@ from pipelines.train import _ddp as pipeline_ddp
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 SYNC_FILES = ("stats_exchange", "sync_batchnorm")
+# The step-time ratios printed, where both variants ran.
+RATIOS = (
+    ("sync", "batch"),
+    ("before", "batch"),
+    ("sync", "before"),
+    ("sync-gloo", "batch-gloo"),
+    ("batch", "batch-gloo"),
+    ("sync", "sync-gloo"),
+)
 
 
 def sources_at(revision: str) -> dict[str, str]:
@@ -93,10 +107,15 @@ def sync_batch_norm_class(sources: dict[str, str]) -> type:
 
 
 def _variant_step(
-    config: Config, channels: int, data: torch.Tensor, rank: int, layer: type | None
+    config: Config,
+    channels: int,
+    data: torch.Tensor,
+    rank: int,
+    layer: type | None,
+    ddp: Callable[[torch.nn.Module], torch.nn.Module],
 ) -> Callable[[], None]:
     """One variant's models, optimizers and ``step()``; ``layer``: a class for its sync batch
-    norm layers (None: as built)."""
+    norm layers (None: as built); ``ddp`` wraps G and D."""
     torch.manual_seed(config.train.seed)
     g, d = build_models(config, channels)
     if layer is not None:
@@ -106,7 +125,7 @@ def _variant_step(
     o = config.optim
     opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    g_run, d_run = pipeline_ddp(g), pipeline_ddp(d)
+    g_run, d_run = ddp(g), ddp(d)
     rng = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
     local_batch = config.train.batch_size // WORLD
     latent, loss = config.model.latent_dim, config.loss.kind
@@ -180,10 +199,16 @@ def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cov
     own = concat([read_shard(p, shape) for p in job["shards"][rank::WORLD]])
     data = to_model_range(own.images)
     before = sync_batch_norm_class(job["before"]) if job["before"] else None
+    variants = {
+        "batch": (None, pipeline_ddp),
+        "sync": (None, pipeline_ddp),
+        "before": (before, pipeline_ddp),
+        "batch-gloo": (None, wrap_ddp),
+        "sync-gloo": (None, wrap_ddp),
+    }
     steps = {
-        name: _variant_step(config_from_dict(job["configs"][name]), shape[0], data, rank, layer)
-        for name, layer in (("batch", None), ("sync", None), ("before", before))
-        if name in job["configs"]
+        name: _variant_step(config_from_dict(config), shape[0], data, rank, *variants[name])
+        for name, config in job["configs"].items()
     }
     names = list(steps)
     for name in names:
@@ -210,7 +235,7 @@ def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cov
         print(f"\n2 ranks, {job['rounds']} rounds of {job['block']}-step blocks")
         for name in names:
             ms = median([wall for wall, _ in times[name]]) / job["block"] * 1e3
-            print(f"  {name:7s} {ms:6.2f} ms per step (median block)")
+            print(f"  {name:10s} {ms:6.2f} ms per step (median block)")
         print("", *_ratios(times, cpu), sep="\n  ")
         print(f"load average at end: {loadavg()}")
     if job["breakdown"]:
@@ -226,12 +251,10 @@ def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cov
 def _ratios(
     times: dict[str, list[tuple[float, float]]], cpu: dict[str, list[float]] | None = None
 ) -> list[str]:
-    """Each sync variant's step time over batch norm's (and today's over before's): the median
-    of the per-round ratios; with ``cpu`` (both ranks' CPU seconds per block), also their
+    """The :data:`RATIOS` of step times that these variants allow: the median of the per-round
+    ratios; with ``cpu`` (both ranks' CPU seconds per block), also their
     quartiles and the median ratio of CPU time."""
-    pairs = [(name, "batch") for name in ("sync", "before") if name in times]
-    if "before" in times:
-        pairs.append(("sync", "before"))
+    pairs = [(a, b) for a, b in RATIOS if a in times and b in times]
     lines = []
     for a, b in pairs:
         walls = sorted(x[0] / y[0] for x, y in zip(times[a], times[b], strict=True))
@@ -250,6 +273,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=40, help="steps per block")
     parser.add_argument("--rounds", type=int, default=30, help="rounds (a block per variant)")
     parser.add_argument("--warmup", type=int, default=50, help="steps per variant before")
+    parser.add_argument(
+        "--gloo-gradients",
+        action="store_true",
+        help="also batch-gloo and sync-gloo: DDP's gradients through gloo, as torch does",
+    )
     parser.add_argument(
         "--breakdown",
         action="store_true",
@@ -276,6 +304,8 @@ def main() -> None:
         configs = {"batch": batch.to_dict(), "sync": sync.to_dict()}
         if before:
             configs["before"] = sync.to_dict()
+        if args.gloo_gradients:
+            configs.update({"batch-gloo": batch.to_dict(), "sync-gloo": sync.to_dict()})
         print(f"machine: {machine()}")
         print(f"load average at start: {loadavg()}; niceness {RAY_WORKER_NICENESS}")
         print(f"model: g_norm={sync.model.g_norm}, d_norm={sync.model.d_norm}", end="")
