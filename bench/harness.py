@@ -6,9 +6,10 @@ thread each) so that 1 and 2 ranks are measured the same way as the Ray Train wo
 process per rank, data read from the same Parquet shards, the batch sampled by index.
 
 * ``bare``: a DCGAN step written here with plain torch (same models from
-  ``pipelines.loop.build_models``, same Adam, same non-saturating loss, same DDP arrangement as
-  the pipeline: G and D wrapped separately, no buffer broadcast, fakes for D from the unwrapped G
-  under no_grad, the G phase through the unwrapped D with its parameters frozen).
+  ``pipelines.loop.build_models``, same Adam, same non-saturating loss, the pipeline's DDP
+  arrangement: G and D wrapped separately, no buffer broadcast, fakes for D from the unwrapped G
+  under no_grad, the G phase through the unwrapped D with its parameters frozen), with torch's
+  DDP as it comes: the gradients go through gloo.
 * ``state``: ``pipelines.loop.TrainingState.step``, the pipeline's own step (schedules, figures,
   gradient norms) and DDP as the pipeline arranges it (on CPU, gradients over the direct
   connections of gan.nn.stats_exchange) in the same processes, without Ray: what the pipeline
