@@ -126,8 +126,9 @@ RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def ray_train_environment() -> dict[str, str]:
-    """The Ray Train settings above, and the ganpipe switches set in this process (the
-    statistics exchange of sync batch norm) for the workers to see them too."""
+    """The Ray Train settings above, and the ganpipe switches set in this process (where sync
+    batch norm's statistics and, on CPU, DDP's gradients are summed) for the workers to see
+    them too."""
     settings = {name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENVIRONMENT.items()}
     if EXCHANGE_ENV in os.environ:
         settings[EXCHANGE_ENV] = os.environ[EXCHANGE_ENV]

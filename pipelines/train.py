@@ -84,7 +84,9 @@ def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
     else:
         ddp = DistributedDataParallel(module, broadcast_buffers=False)
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
-    if on_cpu and exchange() == "tcp":
+    # Compiled autograd's Python reducer hands a hook single gradients, not buckets.
+    python_reducer = getattr(ddp, "_use_python_reducer", False)
+    if on_cpu and exchange() == "tcp" and not python_reducer:
         ddp.register_comm_hook(None, ddp_comm_hook)
     return ddp
 

@@ -52,9 +52,11 @@ __all__ = [
 
 EXCHANGE_ENV = "GANPIPE_SYNC_BN_EXCHANGE"
 EXCHANGES = ("tcp", "process_group")
-# Up to this size every rank sends before it receives, which cannot deadlock while a message fits
-# in the peer's receive buffer (Linux's default: 128 KiB); larger ones are sent while receiving.
-MAX_BLOCKING_BYTES = 64 * 1024
+# Up to this size every rank sends before it receives, which cannot deadlock while the message
+# fits in what the kernel buffers before the peer reads (on a new connection between hosts that
+# can be as little as about 64 KiB); larger ones (gradient buckets) are sent while receiving.
+# Sync batch norm's statistics stay below it up to about 1,000 channels.
+MAX_BLOCKING_BYTES = 16 * 1024
 CONNECT_TIMEOUT_S = 60.0
 # As long as torch's default process-group timeout: a rank that stops answering fails its peers.
 RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
@@ -87,15 +89,23 @@ def all_reduce_sum(tensor: Tensor, group: Any = None) -> None:
     mesh = _meshes.get(group)
     if mesh is None:
         mesh = _meshes[group] = _Mesh(group)
-    mesh.all_reduce_sum(tensor)
+    try:
+        mesh.all_reduce_sum(tensor)
+    except RuntimeError:
+        # Its streams may stop part-way through a message: never read from them again.
+        del _meshes[group]
+        mesh.close()
+        raise
 
 
 def ddp_comm_hook(group, bucket):  # type: ignore[no-untyped-def]
     """A ``DistributedDataParallel`` communication hook that averages each bucket of gradients
     (a ``dist.GradBucket``) over ``group`` (None: world) with :func:`all_reduce_sum`, in the
     thread that runs backward, and returns a completed ``torch.futures.Future`` of them:
-    ``ddp.register_comm_hook(None, ddp_comm_hook)``. DDP hands the buckets over in the same
-    order on every rank, as the connections need.
+    ``ddp.register_comm_hook(None, ddp_comm_hook)``. The connections carry messages in the
+    order they are made, with no framing: every rank must run the same autograd graph (no
+    ``find_unused_parameters`` with parameters unused on some ranks only), so that DDP hands
+    over the same buckets, between the same sync batch norm exchanges, on every rank.
 
     Unannotated on purpose: DDP compares a hook's annotations with ``dist.GradBucket`` and
     ``Future[Tensor]`` themselves, and this module's annotations are strings."""
@@ -151,6 +161,9 @@ class _Mesh:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(RECEIVE_TIMEOUT_S)
         self._finalizer = weakref.finalize(self, _close_all, list(self.peers.values()))
+
+    def close(self) -> None:
+        self._finalizer()
 
     def _connect(self, peer: int, host: str, port: int, token: bytes) -> socket.socket:
         try:
@@ -233,15 +246,19 @@ class _Mesh:
         both = selectors.EVENT_READ | selectors.EVENT_WRITE
         peer: int | str = "?"
         with selectors.DefaultSelector() as selector:
-            for peer, conn in self.peers.items():
-                conn.setblocking(False)
-                selector.register(conn, both, peer)
             try:
+                for peer, conn in self.peers.items():
+                    conn.setblocking(False)
+                    selector.register(conn, both, peer)
                 while selector.get_map():
+                    peer = "?"
                     ready = selector.select(timeout=RECEIVE_TIMEOUT_S)
                     if not ready:
-                        peer = ", ".join(str(key.data) for key in selector.get_map().values())
-                        raise TimeoutError(f"nothing for {RECEIVE_TIMEOUT_S:.0f} s")
+                        waiting = ", ".join(str(key.data) for key in selector.get_map().values())
+                        raise RuntimeError(
+                            f"exchange between ranks: rank {self.rank} waited "
+                            f"{RECEIVE_TIMEOUT_S:.0f} s for rank(s) {waiting}; did they stop?"
+                        )
                     for key, events in ready:
                         peer, conn = key.data, key.fileobj
                         if events & selectors.EVENT_WRITE and sent[peer] < size:
@@ -256,10 +273,10 @@ class _Mesh:
                         wanted = (selectors.EVENT_WRITE if sent[peer] < size else 0) | (
                             selectors.EVENT_READ if received[peer] < size else 0
                         )
-                        if wanted:
-                            selector.modify(conn, wanted, peer)
-                        else:
+                        if not wanted:
                             selector.unregister(conn)
+                        elif wanted != key.events:
+                            selector.modify(conn, wanted, peer)
             except OSError as error:
                 raise self._lost(peer, error) from error
             finally:

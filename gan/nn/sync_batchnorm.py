@@ -42,7 +42,8 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
     a GAN generator these layers are bound by the number of ops, not by arithmetic.
 
     Every rank must run backward through this op whenever any rank does (as with
-    ``torch.nn.SyncBatchNorm``), otherwise the backward ``all_reduce`` blocks.
+    ``torch.nn.SyncBatchNorm``), otherwise the backward ``all_reduce`` blocks, or takes another
+    exchange's message (DDP's gradients share the connections).
     """
 
     @staticmethod
@@ -157,6 +158,13 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+@torch.compiler.disable  # sockets and in-place buffer updates: torch.compile cannot trace them
+def _synchronized_batch_norm(*args: Any) -> Tensor:
+    """``_CpuSyncBatchNormFn.apply`` outside any ``torch.compile`` graph: a compiled model runs
+    the layers around it compiled and this one as it is."""
+    return _CpuSyncBatchNormFn.apply(*args)
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm`` that also synchronizes CPU tensors (gloo backend).
 
@@ -264,7 +272,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 exponential_average_factor,
                 self.eps,
             )
-        return _CpuSyncBatchNormFn.apply(
+        return _synchronized_batch_norm(
             input,
             self.weight,
             self.bias,

@@ -48,6 +48,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     ),
     "bfloat16": dict(shape=(8, 3, 5, 5), splits=(4, 4), steps=1, momentum=0.1, dtype="bfloat16"),
     "eval": dict(shape=(8, 3, 5, 5), splits=(3, 5), steps=1, momentum=0.1, eval=True),
+    # Under torch.compile (perf.compile): the exchange must run outside the compiled graph. (A
+    # name that sorts last: the data's seed is the name's place in sorted order.)
+    "with_compile": dict(shape=(8, 3, 5, 5), splits=(3, 5), steps=2, momentum=0.1, compiled=True),
     # Conv -> SyncBatchNorm -> ReLU -> Conv wrapped in DDP on CPU; per-rank loss = local mean.
     "ddp": dict(shape=(8, 3, 7, 7), splits=(4, 4), steps=1, momentum=0.1, ddp=True),
 }
@@ -156,6 +159,8 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         return _ddp_grads(model, xs[0])
     grads = [g[start:stop] for g in data["grads"]]
     module = _make_module(SyncBatchNorm, name, data)
+    if spec.get("compiled"):
+        module = torch.compile(module)
 
     calls: list[str] = []
     process_group_calls: list[str] = []
@@ -272,8 +277,11 @@ def _check_training(name: str, results: list[dict[str, Any]], atol: float = ATOL
 
 @pytest.mark.parametrize(
     "name",
-    ["equal", "unequal", "two_steps", "two_steps_cumulative", "input_2d", "input_3d", "input_5d"],
-)
+    [
+        "equal", "unequal", "two_steps", "two_steps_cumulative",
+        "input_2d", "input_3d", "input_5d", "with_compile",
+    ],
+)  # fmt: skip
 def test_distributed_matches_global_batchnorm(
     name: str, dist_results: list[dict[str, Any]]
 ) -> None:
