@@ -125,9 +125,9 @@ def ganpipe_loop(
     state = TrainingState(config, channels=data.shape[1], device=device)
     generator, discriminator = state.generator, state.discriminator
     if ddp:
-        from pipelines.train import _ddp
+        from pipelines.train import wrap_ddp
 
-        generator, discriminator = _ddp(generator), _ddp(discriminator)
+        generator, discriminator = wrap_ddp(generator), wrap_ddp(discriminator)
     labels = torch.zeros(data.shape[0], dtype=torch.long)
     batch = config.train.batch_size
     sums = torch.zeros(len(StepStats.FIGURES), device=device)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import os
 import platform
@@ -41,7 +40,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from gan.data import ImageSet, read_source
 from gan.data.arrays import to_model_range
@@ -49,6 +47,7 @@ from gan.data.shards import concat, read_shard, split_shards, to_table
 from gan.losses import get_loss
 from pipelines.config import Config, config_from_dict
 from pipelines.loop import TrainingState, build_models
+from pipelines.train import wrap_ddp
 
 
 def machine() -> str:
@@ -77,6 +76,12 @@ def loadavg() -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The lower and upper quartile of ``values`` (the elements a quarter from each end)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
 
 
 @dataclass
@@ -212,14 +217,6 @@ def _ray_process_name(cmdline: str) -> str:
 # ------------------------------------------------------------------ reference loops (no Ray)
 
 
-def wrap_ddp(module: nn.Module) -> DistributedDataParallel:
-    """DDP as the bare loop uses it: gradients through gloo, and, as in pipelines/train.py, no
-    buffer broadcast per forward (sync batch norm keeps buffers equal)."""
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        return DistributedDataParallel(module, forward_sync_buffers=False)
-    return DistributedDataParallel(module, broadcast_buffers=False)
-
-
 def bare_step(
     g: nn.Module,
     d: nn.Module,
@@ -326,11 +323,9 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
     local_batch = t.batch_size // world
 
     if job["mode"] == "state":
-        from pipelines.train import _ddp as pipeline_ddp  # gradients over direct connections
-
         state = TrainingState(config, channels=shape[0], device=torch.device("cpu"), rank=rank)
         g, d, rng = state.generator, state.discriminator, state.rng
-        g_run, d_run = (pipeline_ddp(g), pipeline_ddp(d)) if world > 1 else (g, d)
+        g_run, d_run = (wrap_ddp(g), wrap_ddp(d)) if world > 1 else (g, d)
 
         def step(i: int) -> None:
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
@@ -341,17 +336,42 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
             raise ValueError("the bare loop is unconditional: use mode='state'")
         torch.manual_seed(t.seed)
         g, d = build_models(config, shape[0])
-        o = config.optim
-        opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-        opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-        rng = torch.Generator().manual_seed(t.seed * 1000 + rank)
-        g_run, d_run = (wrap_ddp(g), wrap_ddp(d)) if world > 1 else (g, d)
-        latent = config.model.latent_dim
+        train = bare_loop(config, g, d, data, rank, world)
 
         def step(i: int) -> None:
-            index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
-            real = data[index]
-            bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, config.loss.kind)
+            train()
+
+    return step
+
+
+def bare_loop(
+    config: Config,
+    g: nn.Module,
+    d: nn.Module,
+    data: torch.Tensor,
+    rank: int,
+    world: int,
+    *,
+    direct_gradients: bool = False,
+) -> Callable[[], None]:
+    """The bare loop's next step for this rank, training ``g`` and ``d`` with Adam on batches
+    sampled by index from ``data``, under DDP when ``world`` > 1: its gradients through gloo, or
+    with ``direct_gradients`` as the pipeline sends them (pipelines.train.wrap_ddp)."""
+    o = config.optim
+    opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    rng = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
+    if world > 1:
+        g_run = wrap_ddp(g, direct_gradients=direct_gradients)
+        d_run = wrap_ddp(d, direct_gradients=direct_gradients)
+    else:
+        g_run, d_run = g, d
+    local_batch = config.train.batch_size // world
+    latent, loss = config.model.latent_dim, config.loss.kind
+
+    def step() -> None:
+        real = data[torch.randint(0, data.shape[0], (local_batch,), generator=rng)]
+        bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, loss)
 
     return step
 

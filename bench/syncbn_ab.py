@@ -7,7 +7,7 @@
     python bench/syncbn_ab.py -- model.d_norm=sync_batch model.g_width=64
 
 Two ranks (``torch.multiprocessing``, gloo through a file store, one torch thread each, Ray's
-niceness) each hold one bare DCGAN loop (bench/harness.py's ``bare_step``) per variant, with DDP
+niceness) each hold one bare DCGAN loop (bench/harness.py's ``bare_loop``) per variant, with DDP
 as the pipeline arranges it (pipelines/train.py: on CPU, the gradients go over the same direct
 connections as the statistics; ``GANPIPE_SYNC_BN_EXCHANGE=process_group`` sends both through
 gloo):
@@ -18,7 +18,8 @@ gloo):
   ``gan/nn/sync_batchnorm.py`` and ``gan/nn/stats_exchange.py`` as they were at REV (the
   gradients go as today's pipeline sends them);
 * ``batch-gloo`` and ``sync-gloo``, with ``--gloo-gradients``: ``batch`` and ``sync`` with
-  torch's DDP as it comes, the gradients averaged through gloo (bench/harness.py's ``wrap_ddp``).
+  torch's DDP as it comes, the gradients averaged through gloo (bench/harness.py's
+  ``bare_loop`` without ``direct_gradients``).
 
 The variants train in turns, a block of ``--block`` steps each, their order rotating every
 round; both ranks start and end every block together. The machine's drift, which moves one run
@@ -48,12 +49,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from harness import (
     RAY_WORKER_NICENESS,
-    bare_step,
+    bare_loop,
     cpu_ticks,
     loadavg,
     machine,
     median,
-    wrap_ddp,
+    quartiles,
     write_dataset,
 )
 
@@ -63,7 +64,6 @@ from gan.nn import sync_batchnorm
 from gan.nn.sync_batchnorm import SyncBatchNorm
 from pipelines.config import Config, ConfigError, config_from_dict, load_config
 from pipelines.loop import build_models
-from pipelines.train import _ddp as pipeline_ddp
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -112,29 +112,17 @@ def _variant_step(
     data: torch.Tensor,
     rank: int,
     layer: type | None,
-    ddp: Callable[[torch.nn.Module], torch.nn.Module],
+    direct_gradients: bool,
 ) -> Callable[[], None]:
-    """One variant's models, optimizers and ``step()``; ``layer``: a class for its sync batch
-    norm layers (None: as built); ``ddp`` wraps G and D."""
+    """One variant's bare loop (bench/harness.py); ``layer``: a class for its sync batch norm
+    layers (None: as built)."""
     torch.manual_seed(config.train.seed)
     g, d = build_models(config, channels)
     if layer is not None:
         for module in (*g.modules(), *d.modules()):
             if isinstance(module, SyncBatchNorm):
                 module.__class__ = layer
-    o = config.optim
-    opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    g_run, d_run = ddp(g), ddp(d)
-    rng = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
-    local_batch = config.train.batch_size // WORLD
-    latent, loss = config.model.latent_dim, config.loss.kind
-
-    def step() -> None:
-        real = data[torch.randint(0, data.shape[0], (local_batch,), generator=rng)]
-        bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, loss)
-
-    return step
+    return bare_loop(config, g, d, data, rank, WORLD, direct_gradients=direct_gradients)
 
 
 def _thread_seconds() -> dict[str, float]:
@@ -199,12 +187,12 @@ def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cov
     own = concat([read_shard(p, shape) for p in job["shards"][rank::WORLD]])
     data = to_model_range(own.images)
     before = sync_batch_norm_class(job["before"]) if job["before"] else None
-    variants = {
-        "batch": (None, pipeline_ddp),
-        "sync": (None, pipeline_ddp),
-        "before": (before, pipeline_ddp),
-        "batch-gloo": (None, wrap_ddp),
-        "sync-gloo": (None, wrap_ddp),
+    variants = {  # the layer class, and whether gradients go as the pipeline sends them
+        "batch": (None, True),
+        "sync": (None, True),
+        "before": (before, True),
+        "batch-gloo": (None, False),
+        "sync-gloo": (None, False),
     }
     steps = {
         name: _variant_step(config_from_dict(config), shape[0], data, rank, *variants[name])
@@ -257,11 +245,11 @@ def _ratios(
     pairs = [(a, b) for a, b in RATIOS if a in times and b in times]
     lines = []
     for a, b in pairs:
-        walls = sorted(x[0] / y[0] for x, y in zip(times[a], times[b], strict=True))
+        walls = [x[0] / y[0] for x, y in zip(times[a], times[b], strict=True)]
         line = f"{a}/{b} {median(walls):.3f}"
         if cpu is not None:
-            quarter = len(walls) // 4
-            line += f" (quartiles {walls[quarter]:.3f}-{walls[-1 - quarter]:.3f})"
+            low, high = quartiles(walls)
+            line += f" (quartiles {low:.3f}-{high:.3f})"
             line += f", CPU {median([x / y for x, y in zip(cpu[a], cpu[b], strict=True)]):.3f}"
         lines.append(line)
     return lines

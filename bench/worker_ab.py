@@ -50,6 +50,7 @@ from harness import (
     loadavg,
     machine,
     median,
+    quartiles,
     reference_step,
     write_dataset,
 )
@@ -296,8 +297,7 @@ def main() -> None:
             for thread in threads:
                 thread.join()
 
-    ordered = sorted(wall_ratios)
-    low, high = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+    low, high = quartiles(wall_ratios)
     print()
     print(f"{args.workers} worker(s), {args.pairs} pairs of {args.block}-step blocks")
     width = max(len(side) for side in sides)

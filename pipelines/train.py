@@ -74,11 +74,13 @@ def _gather(tensor: torch.Tensor, world: int) -> list[torch.Tensor]:
     return gathered
 
 
-def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
+def wrap_ddp(module: torch.nn.Module, *, direct_gradients: bool = True) -> DistributedDataParallel:
     """DDP without a buffer broadcast per forward: sync batch norm keeps buffers equal already,
-    and the broadcast would overwrite buffers between D's two forwards (breaks on CUDA). On CPU
-    the gradients go over the direct connections of gan.nn.stats_exchange, not through gloo,
-    unless GANPIPE_SYNC_BN_EXCHANGE=process_group."""
+    and the broadcast would overwrite buffers between D's two forwards (breaks on CUDA). With
+    ``direct_gradients`` (the pipeline's way), on CPU the gradients go over the direct
+    connections of gan.nn.stats_exchange, not through gloo, unless
+    GANPIPE_SYNC_BN_EXCHANGE=process_group; without it, through gloo as torch's DDP sends them
+    (the benches' bare loop)."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         ddp = DistributedDataParallel(module, forward_sync_buffers=False)
     else:
@@ -86,7 +88,7 @@ def _ddp(module: torch.nn.Module) -> DistributedDataParallel:
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     # Compiled autograd's Python reducer hands a hook single gradients, not buckets.
     python_reducer = getattr(ddp, "_use_python_reducer", False)
-    if on_cpu and exchange() == "tcp" and not python_reducer:
+    if direct_gradients and on_cpu and exchange() == "tcp" and not python_reducer:
         ddp.register_comm_hook(None, ddp_comm_hook)
     return ddp
 
@@ -207,7 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         probe = _probe(loop_config, config, shape, state.num_classes)
     generator, discriminator = state.generator, state.discriminator
     if world > 1:
-        generator, discriminator = _ddp(generator), _ddp(discriminator)
+        generator, discriminator = wrap_ddp(generator), wrap_ddp(discriminator)
 
     # Windows of report_every steps wait here for the next hand-over to Ray Train (hand_over).
     pending: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from spawned_ranks import run_ranks
 from torch import nn
 
 from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_BLOCKING_BYTES, all_reduce_sum
-from pipelines.train import _ddp
+from pipelines.train import wrap_ddp
 
 WORLD_SIZE = 3
 # float32 elements: just past the send-then-receive path, and far past a socket's buffers
@@ -57,12 +57,12 @@ def _ddp_model() -> nn.Module:
 
 
 def _ddp_gradients(rank: int) -> dict[str, Any]:
-    """One backward through the pipeline's DDP (pipelines.train._ddp) on rank-specific data,
+    """One backward through the pipeline's DDP (pipelines.train.wrap_ddp) on rank-specific data,
     and each rank's local gradients for the parent to average."""
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
     local = _ddp_model()
     local(x).square().mean().backward()
-    ddp = _ddp(_ddp_model())
+    ddp = wrap_ddp(_ddp_model())
     ddp(x).square().mean().backward()
     return {
         "local": [p.grad for p in local.parameters()],
@@ -104,7 +104,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results["ddp"] = _ddp_gradients(rank)
 
         os.environ[EXCHANGE_ENV] = "process_group"
-        logging_data = _ddp(_ddp_model())._get_ddp_logging_data()
+        logging_data = wrap_ddp(_ddp_model())._get_ddp_logging_data()
         results["ddp_hook_with_process_group"] = logging_data.get("comm_hook", "")
         t = _contribution(rank, 5, torch.float64)
         all_reduce_sum(t)
