@@ -380,7 +380,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     """Warm-up, then ``job["steps"]`` timed steps; rank 0's figures and this rank's CPU time."""
     counts = _count_all_reduces() if job.get("count_all_reduces") else None
     step = reference_step(rank, world, job)
-    batch_size = config_from_dict(job["config"]).train.batch_size
+    batch_size = job["config"]["train"]["batch_size"]  # reference_step parsed the config
 
     def barrier() -> None:
         if world > 1:
