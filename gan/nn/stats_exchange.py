@@ -62,6 +62,11 @@ CONNECT_TIMEOUT_S = 60.0
 RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
 
 _RANK_HEADER = struct.Struct("!i")
+# Every message starts with its number in the connection and its payload's size: ranks that got
+# out of step (different layers or gradients on different ranks) fail with both named, instead
+# of summing unrelated numbers or waiting for bytes that never come. 16 bytes keep the payload
+# after it aligned for float64.
+_MESSAGE_HEADER = struct.Struct("!QQ")
 _TOKEN_BYTES = 16
 _meshes: weakref.WeakKeyDictionary[Any, _Mesh] = weakref.WeakKeyDictionary()
 
@@ -103,9 +108,10 @@ def ddp_comm_hook(group, bucket):  # type: ignore[no-untyped-def]
     (a ``dist.GradBucket``) over ``group`` (None: world) with :func:`all_reduce_sum`, in the
     thread that runs backward, and returns a completed ``torch.futures.Future`` of them:
     ``ddp.register_comm_hook(None, ddp_comm_hook)``. The connections carry messages in the
-    order they are made, with no framing: every rank must run the same autograd graph (no
+    order they are made: every rank must run the same autograd graph (no
     ``find_unused_parameters`` with parameters unused on some ranks only), so that DDP hands
-    over the same buckets, between the same sync batch norm exchanges, on every rank.
+    over the same buckets, between the same sync batch norm exchanges, on every rank; where the
+    sizes differ, every rank gets a RuntimeError that says they are out of step.
 
     Unannotated on purpose: DDP compares a hook's annotations with ``dist.GradBucket`` and
     ``Future[Tensor]`` themselves, and this module's annotations are strings."""
@@ -161,6 +167,7 @@ class _Mesh:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(RECEIVE_TIMEOUT_S)
         self._finalizer = weakref.finalize(self, _close_all, list(self.peers.values()))
+        self._messages = 0
 
     def close(self) -> None:
         self._finalizer()
@@ -209,38 +216,42 @@ class _Mesh:
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         flat = tensor.detach().contiguous().view(-1)
+        self._messages += 1
+        header = _MESSAGE_HEADER.pack(self._messages, flat.numel() * flat.element_size())
         if flat.numel() * flat.element_size() <= MAX_BLOCKING_BYTES:
-            parts = self._send_then_receive(flat)
+            parts = self._send_then_receive(header, flat)
         else:
-            parts = self._send_while_receiving(flat)
+            parts = self._send_while_receiving(header, flat)
         total = parts[0].clone()
         for rank in range(1, self.size):
             total += parts[rank]
         tensor.copy_(total.view_as(tensor))
 
-    def _send_then_receive(self, flat: Tensor) -> dict[int, Tensor]:
+    def _send_then_receive(self, header: bytes, flat: Tensor) -> dict[int, Tensor]:
         """Every rank sends, then receives: the fewest system calls, for a message that fits in
         the peer's receive buffer whether or not the peer is reading yet."""
-        payload = flat.view(torch.uint8).numpy().tobytes()
+        message = header + flat.view(torch.uint8).numpy().tobytes()
         for peer, conn in self.peers.items():
             try:
-                conn.sendall(payload)
+                conn.sendall(message)
             except OSError as error:
                 raise self._lost(peer, error) from error
         parts = {self.rank: flat}
         for peer, conn in self.peers.items():
-            received = self._receive(conn, len(payload), peer)
-            parts[peer] = torch.frombuffer(received, dtype=flat.dtype)
+            received = self._receive(conn, len(message), peer, header)
+            parts[peer] = torch.frombuffer(received, dtype=flat.dtype, offset=len(header))
         return parts
 
-    def _send_while_receiving(self, flat: Tensor) -> dict[int, Tensor]:
+    def _send_while_receiving(self, header: bytes, flat: Tensor) -> dict[int, Tensor]:
         """Sends to and receives from every peer at once, as each connection is ready: two ranks
         that both sent a message larger than the socket buffers before reading would wait on
         each other for ever."""
         payload = memoryview(flat.view(torch.uint8).numpy())
-        size = len(payload)
+        head = len(header)
+        size = head + len(payload)
         parts = {peer: torch.empty_like(flat) for peer in self.peers}
         inboxes = {peer: memoryview(parts[peer].view(torch.uint8).numpy()) for peer in self.peers}
+        their_headers = {peer: bytearray(head) for peer in self.peers}
         sent = dict.fromkeys(self.peers, 0)
         received = dict.fromkeys(self.peers, 0)
         both = selectors.EVENT_READ | selectors.EVENT_WRITE
@@ -261,15 +272,26 @@ class _Mesh:
                         )
                     for key, events in ready:
                         peer, conn = key.data, key.fileobj
-                        if events & selectors.EVENT_WRITE and sent[peer] < size:
+                        done = sent[peer]
+                        if events & selectors.EVENT_WRITE and done < size:
                             with contextlib.suppress(BlockingIOError):
-                                sent[peer] += conn.send(payload[sent[peer] :])
-                        if events & selectors.EVENT_READ and received[peer] < size:
+                                if done < head:
+                                    sent[peer] += conn.sendmsg([header[done:], payload])
+                                else:
+                                    sent[peer] += conn.send(payload[done - head :])
+                        done = received[peer]
+                        if events & selectors.EVENT_READ and done < size:
                             with contextlib.suppress(BlockingIOError):
-                                count = conn.recv_into(inboxes[peer][received[peer] :])
+                                if done < head:
+                                    into = memoryview(their_headers[peer])[done:]
+                                else:
+                                    into = inboxes[peer][done - head :]
+                                count = conn.recv_into(into)
                                 if count == 0:
                                     raise ConnectionError("connection closed")
                                 received[peer] += count
+                                if done < head <= received[peer]:
+                                    self._check_in_step(peer, their_headers[peer], header)
                         wanted = (selectors.EVENT_WRITE if sent[peer] < size else 0) | (
                             selectors.EVENT_READ if received[peer] < size else 0
                         )
@@ -285,7 +307,11 @@ class _Mesh:
         parts[self.rank] = flat
         return parts
 
-    def _receive(self, conn: socket.socket, size: int, peer: int | str) -> bytearray:
+    def _receive(
+        self, conn: socket.socket, size: int, peer: int | str, header: bytes = b""
+    ) -> bytearray:
+        """``size`` bytes from ``conn``; with ``header``, the message must start with the same
+        header (checked as soon as it is in, before waiting for more)."""
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
@@ -294,10 +320,25 @@ class _Mesh:
                 count = conn.recv_into(view[received:])
                 if count == 0:
                     raise ConnectionError("connection closed")
+                if received < len(header) <= received + count:
+                    self._check_in_step(peer, buffer[: len(header)], header)
                 received += count
         except OSError as error:
             raise self._lost(peer, error) from error
         return buffer
+
+    def _check_in_step(self, peer: int | str, theirs: bytes | bytearray, ours: bytes) -> None:
+        if theirs == ours:
+            return
+        their_number, their_size = _MESSAGE_HEADER.unpack(theirs)
+        number, size = _MESSAGE_HEADER.unpack(ours)
+        raise RuntimeError(
+            f"exchange between ranks: the ranks are out of step: rank {peer}'s message "
+            f"#{their_number} holds {their_size} bytes where rank {self.rank}'s #{number} holds "
+            f"{size}. Every rank must run the same synchronized batch norm layers and the same "
+            "backward passes in the same order (with DistributedDataParallel: the same "
+            "parameters used on every rank)"
+        )
 
     def _lost(self, peer: int | str, error: OSError) -> RuntimeError:
         return RuntimeError(

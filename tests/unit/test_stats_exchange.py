@@ -119,6 +119,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.all_reduce = real_all_reduce
         dist.barrier()
 
+        # Rank 0 sums one element fewer than the others, as if it skipped a layer or a bucket:
+        # an error on every rank that names the sizes, not a sum of unrelated bytes or a hang.
+        for name, numel in (("small", 5), ("large", SIZES["over_blocking"])):
+            try:
+                all_reduce_sum(torch.ones(numel - (rank == 0)))
+            except RuntimeError as error:
+                results[f"out_of_step_{name}"] = str(error)
+            dist.barrier()
+        # The failed connections are dropped; the next sum connects the ranks again.
+        recovered = torch.full((3,), float(rank))
+        all_reduce_sum(recovered)
+        results["after_out_of_step"] = recovered
+
         # Rank 2 goes away; the others must get an error that names it, not hang.
         if rank == 2:
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -186,6 +199,30 @@ def test_process_group_exchange_goes_through_gloo(results: list[dict[str, Any]])
 def test_unknown_exchange_is_refused_with_the_choices(results: list[dict[str, Any]]) -> None:
     for r in results:
         assert EXCHANGE_ENV in r["bad_env"] and "tcp, process_group" in r["bad_env"]
+
+
+def test_ranks_out_of_step_fail_on_every_rank_with_the_sizes(
+    results: list[dict[str, Any]],
+) -> None:
+    # Every rank sends before it reads, so each one reads a mismatched header first.
+    assert "rank 1's message #" in results[0]["out_of_step_small"] or (
+        "rank 2's message #" in results[0]["out_of_step_small"]
+    )
+    assert "holds 20 bytes where rank 0's" in results[0]["out_of_step_small"]
+    for rank in (1, 2):
+        error = results[rank]["out_of_step_small"]
+        assert "out of step" in error and "rank 0's message #" in error, error
+        assert f"holds 16 bytes where rank {rank}'s" in error and "holds 20" in error, error
+
+
+def test_ranks_out_of_step_fail_on_large_messages_too(results: list[dict[str, Any]]) -> None:
+    # Sending and reading interleave here, so a rank may see its peer hang up first; at least
+    # one rank reads a mismatched header, and none waits for bytes that never come.
+    errors = [r.get("out_of_step_large", "") for r in results]
+    assert all(e.startswith("exchange between ranks:") for e in errors), errors
+    assert any("out of step" in e for e in errors), errors
+    for r in results:
+        assert torch.equal(r["after_out_of_step"], torch.full((3,), 3.0))
 
 
 def test_a_lost_peer_is_an_error_that_names_it(results: list[dict[str, Any]]) -> None:
