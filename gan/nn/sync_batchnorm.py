@@ -158,10 +158,14 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-@torch.compiler.disable  # sockets and in-place buffer updates: torch.compile cannot trace them
 def _synchronized_batch_norm(*args: Any) -> Tensor:
-    """``_CpuSyncBatchNormFn.apply`` outside any ``torch.compile`` graph: a compiled model runs
-    the layers around it compiled and this one as it is."""
+    """``_CpuSyncBatchNormFn.apply``, outside any ``torch.compile`` graph: a compiled model runs
+    the layers around it compiled and this one as it is (sockets and in-place buffer updates
+    cannot be traced)."""
+    if torch.compiler.is_compiling():
+        # Not a decorator: torch.compiler.disable imports torch._dynamo, which would add a
+        # second of start-up to every process that imports the models.
+        return torch.compiler.disable(_CpuSyncBatchNormFn.apply)(*args)
     return _CpuSyncBatchNormFn.apply(*args)
 
 
