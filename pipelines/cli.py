@@ -57,20 +57,20 @@ def _resumed_config(config: Config, args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.steps.default_dag import default_dag
-
-    return _run_dag(args, default_dag(), tune=False)
+    return _run_dag(args, tune=False)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipelines.steps.default_dag import tune_dag
-
-    return _run_dag(args, tune_dag(), tune=True)
+    return _run_dag(args, tune=True)
 
 
-def _run_dag(args: argparse.Namespace, dag, *, tune: bool) -> int:  # noqa: ANN001
+def _run_dag(args: argparse.Namespace, *, tune: bool) -> int:
     try:
         config = load_config(args.config, args.overrides)
+        # After the config: the steps import MLflow, over a second that a typo need not wait.
+        from pipelines.steps.default_dag import default_dag, tune_dag
+
+        dag = tune_dag() if tune else default_dag()
         unknown = [name for name in args.force if name not in dag.names]
         if unknown:
             raise ConfigError(f"--force {unknown[0]}: no such step; steps: {', '.join(dag.names)}")
