@@ -174,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from pipelines.steps.evaluate import save_grid
+    from pipelines.images import save_grid
 
     mlflow.set_tracking_uri(_tracking_uri(args.workdir, args.tracking_uri))
     try:

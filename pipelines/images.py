@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -15,3 +17,9 @@ def grid_image(images: torch.Tensor) -> Image.Image:
     grid = from_model_range(image_grid(images))  # (C, H, W) uint8
     array = grid[0] if grid.shape[0] == 1 else np.transpose(grid, (1, 2, 0))
     return Image.fromarray(array)
+
+
+def save_grid(images: torch.Tensor, path: Path) -> Path:
+    """:func:`grid_image` of ``images`` written to ``path`` (PNG by its suffix)."""
+    grid_image(images).save(path)
+    return path

@@ -12,7 +12,6 @@ memorization ratio in pixel space.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from gan.nn.normalization import batch_norm_layers, recompute_bn_statistics
 from gan.sampling import balanced_labels, generate, latents_from_seeds
 from gan.state import load_generator_weights
 from pipelines.dag import StepContext
-from pipelines.images import grid_image
+from pipelines.images import save_grid
 from pipelines.loop import build_models
 from pipelines.seeds import EVAL_SEED, STANDING_STATS_SEED
 from pipelines.steps.features import load_classifier
@@ -66,11 +65,6 @@ def load_generator(
             ),
         )
     return generator.train(config.eval.sampling_mode == "train")
-
-
-def save_grid(images: torch.Tensor, path: Path) -> Path:
-    grid_image(images).save(path)
-    return path
 
 
 def evaluate(
