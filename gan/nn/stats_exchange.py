@@ -272,13 +272,7 @@ class _Mesh:
                         )
                     for key, events in ready:
                         peer, conn = key.data, key.fileobj
-                        done = sent[peer]
-                        if events & selectors.EVENT_WRITE and done < size:
-                            with contextlib.suppress(BlockingIOError):
-                                if done < head:
-                                    sent[peer] += conn.sendmsg([header[done:], payload])
-                                else:
-                                    sent[peer] += conn.send(payload[done - head :])
+                        # Reading first: a peer that failed and hung up left its header to read.
                         done = received[peer]
                         if events & selectors.EVENT_READ and done < size:
                             with contextlib.suppress(BlockingIOError):
@@ -290,8 +284,17 @@ class _Mesh:
                                 if count == 0:
                                     raise ConnectionError("connection closed")
                                 received[peer] += count
-                                if done < head <= received[peer]:
-                                    self._check_in_step(peer, their_headers[peer], header)
+                                theirs = their_headers[peer]
+                                if done < head <= received[peer] and theirs != header:
+                                    self._tell_the_rest(header, sent)
+                                    raise self._out_of_step(peer, theirs, header)
+                        done = sent[peer]
+                        if events & selectors.EVENT_WRITE and done < size:
+                            with contextlib.suppress(BlockingIOError):
+                                if done < head:
+                                    sent[peer] += conn.sendmsg([header[done:], payload])
+                                else:
+                                    sent[peer] += conn.send(payload[done - head :])
                         wanted = (selectors.EVENT_WRITE if sent[peer] < size else 0) | (
                             selectors.EVENT_READ if received[peer] < size else 0
                         )
@@ -320,19 +323,26 @@ class _Mesh:
                 count = conn.recv_into(view[received:])
                 if count == 0:
                     raise ConnectionError("connection closed")
-                if received < len(header) <= received + count:
-                    self._check_in_step(peer, buffer[: len(header)], header)
+                if received < len(header) <= received + count and buffer[: len(header)] != header:
+                    raise self._out_of_step(peer, buffer[: len(header)], header)
                 received += count
         except OSError as error:
             raise self._lost(peer, error) from error
         return buffer
 
-    def _check_in_step(self, peer: int | str, theirs: bytes | bytearray, ours: bytes) -> None:
-        if theirs == ours:
-            return
+    def _tell_the_rest(self, header: bytes, sent: dict[int, int]) -> None:
+        """Before failing: send the header to every peer that has not had it yet (their buffers
+        are empty, so it fits), so that they fail on this rank's size too, not on a connection
+        that closed under them."""
+        for peer, conn in self.peers.items():
+            if sent[peer] < len(header):
+                with contextlib.suppress(OSError):
+                    conn.send(header[sent[peer] :])
+
+    def _out_of_step(self, peer: int | str, theirs: bytes | bytearray, ours: bytes) -> RuntimeError:
         their_number, their_size = _MESSAGE_HEADER.unpack(theirs)
         number, size = _MESSAGE_HEADER.unpack(ours)
-        raise RuntimeError(
+        return RuntimeError(
             f"exchange between ranks: the ranks are out of step: rank {peer}'s message "
             f"#{their_number} holds {their_size} bytes where rank {self.rank}'s #{number} holds "
             f"{size}. Every rank must run the same synchronized batch norm layers and the same "
