@@ -272,22 +272,6 @@ class _Mesh:
                         )
                     for key, events in ready:
                         peer, conn = key.data, key.fileobj
-                        # Reading first: a peer that failed and hung up left its header to read.
-                        done = received[peer]
-                        if events & selectors.EVENT_READ and done < size:
-                            with contextlib.suppress(BlockingIOError):
-                                if done < head:
-                                    into = memoryview(their_headers[peer])[done:]
-                                else:
-                                    into = inboxes[peer][done - head :]
-                                count = conn.recv_into(into)
-                                if count == 0:
-                                    raise ConnectionError("connection closed")
-                                received[peer] += count
-                                theirs = their_headers[peer]
-                                if done < head <= received[peer] and theirs != header:
-                                    self._tell_the_rest(header, sent)
-                                    raise self._out_of_step(peer, theirs, header)
                         done = sent[peer]
                         if events & selectors.EVENT_WRITE and done < size:
                             with contextlib.suppress(BlockingIOError):
@@ -295,6 +279,24 @@ class _Mesh:
                                     sent[peer] += conn.sendmsg([header[done:], payload])
                                 else:
                                     sent[peer] += conn.send(payload[done - head :])
+                        done = received[peer]
+                        if events & selectors.EVENT_READ and done < size:
+                            with contextlib.suppress(BlockingIOError):
+                                if done < head:  # header and payload in one system call
+                                    buffers = [
+                                        memoryview(their_headers[peer])[done:],
+                                        inboxes[peer],
+                                    ]
+                                    count = conn.recvmsg_into(buffers)[0]
+                                else:
+                                    count = conn.recv_into(inboxes[peer][done - head :])
+                                if count == 0:
+                                    raise ConnectionError("connection closed")
+                                received[peer] += count
+                                theirs = their_headers[peer]
+                                if done < head <= received[peer] and theirs != header:
+                                    self._tell_the_rest(header, sent)
+                                    raise self._out_of_step(peer, theirs, header)
                         wanted = (selectors.EVENT_WRITE if sent[peer] < size else 0) | (
                             selectors.EVENT_READ if received[peer] < size else 0
                         )
@@ -303,6 +305,10 @@ class _Mesh:
                         elif wanted != key.events:
                             selector.modify(conn, wanted, peer)
             except OSError as error:
+                if isinstance(peer, int) and received[peer] < head:
+                    # A peer that failed on another rank's header may have hung up under a
+                    # send, after sending its own header: say that, not "did it stop?".
+                    self._check_header_left(peer, their_headers[peer], received[peer], header)
                 raise self._lost(peer, error) from error
             finally:
                 for conn in self.peers.values():
@@ -338,6 +344,21 @@ class _Mesh:
             if sent[peer] < len(header):
                 with contextlib.suppress(OSError):
                     conn.send(header[sent[peer] :])
+
+    def _check_header_left(self, peer: int, theirs: bytearray, received: int, ours: bytes) -> None:
+        """Raise the out-of-step error if what is left to read of ``peer``'s header differs from
+        ``ours``; return if it cannot be read (the connection is non-blocking here)."""
+        conn = self.peers[peer]
+        try:
+            while received < len(ours):
+                count = conn.recv_into(memoryview(theirs)[received:])
+                if count == 0:
+                    return
+                received += count
+        except OSError:
+            return
+        if theirs != ours:
+            raise self._out_of_step(peer, theirs, ours)
 
     def _out_of_step(self, peer: int | str, theirs: bytes | bytearray, ours: bytes) -> RuntimeError:
         their_number, their_size = _MESSAGE_HEADER.unpack(theirs)

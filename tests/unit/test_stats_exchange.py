@@ -217,9 +217,9 @@ def test_ranks_out_of_step_fail_on_every_rank_with_the_sizes(
 
 
 def test_ranks_out_of_step_fail_on_large_messages_too(results: list[dict[str, Any]]) -> None:
-    # Every rank sends its header before it reads, and reads before it writes more, so each
-    # one normally reads a mismatched header (24 of 24 ranks in 8 runs); a peer that failed
-    # first can still hang up under a write. None waits for bytes that never come.
+    # A rank that finds a mismatch sends its header to every peer before it hangs up, and a
+    # rank whose send fails reads what is left of that peer's header: 30 of 30 ranks in 10
+    # runs named the sizes. Any rank may still see only the hang-up; none waits for ever.
     errors = [r.get("out_of_step_large", "") for r in results]
     assert all(e.startswith("exchange between ranks:") for e in errors), errors
     assert any("out of step" in e for e in errors), errors
