@@ -347,9 +347,10 @@ class _Mesh:
 
     def _check_header_left(self, peer: int, theirs: bytearray, received: int, ours: bytes) -> None:
         """Raise the out-of-step error if what is left to read of ``peer``'s header differs from
-        ``ours``; return if it cannot be read (the connection is non-blocking here)."""
+        ``ours``; return if it cannot be read without waiting."""
         conn = self.peers[peer]
         try:
+            conn.setblocking(False)  # the caller makes it blocking again
             while received < len(ours):
                 count = conn.recv_into(memoryview(theirs)[received:])
                 if count == 0:
