@@ -18,23 +18,13 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import cpu_ticks, loadavg, machine
+from harness import loadavg, machine, thread_cpu_ticks
 
 from gan.nn.stats_exchange import EXCHANGE_ENV, all_reduce_sum
-
-
-def thread_cpu_ticks() -> dict[str, int]:
-    """User + system clock ticks of this process's threads, summed by thread name."""
-    ticks: dict[str, int] = {}
-    for tid in os.listdir("/proc/self/task"):
-        name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        ticks[name] = ticks.get(name, 0) + cpu_ticks(f"/proc/self/task/{tid}/stat")
-    return ticks
 
 
 def _rank(rank: int, store: str, args: argparse.Namespace) -> None:  # pragma: no cover

@@ -18,14 +18,13 @@ import argparse
 import statistics
 import tempfile
 import time
-import types
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from harness import loadavg, machine
-from syncbn_ab import sources_at
+from syncbn_ab import module_from_source, sources_at
 
 import gan.nn.stats_exchange as today
 
@@ -38,8 +37,7 @@ def _rank(rank: int, store: str, source: str, args: argparse.Namespace) -> None:
         "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
         timeout=timedelta(minutes=5),
     )  # fmt: skip
-    before = types.ModuleType("before_stats_exchange")
-    exec(compile(source, "<before stats_exchange.py>", "exec"), before.__dict__)
+    before = module_from_source("stats_exchange", source)
     versions = {"today": (today, dist.new_group()), "before": (before, dist.new_group())}
     for size in args.sizes:
         tensor = torch.randn(size)

@@ -171,6 +171,18 @@ def cpu_ticks(stat_file: str | Path) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def thread_cpu_ticks(by_thread: bool = False) -> dict[str, int]:
+    """User + system clock ticks of this process's threads, summed by thread name, or with
+    ``by_thread`` one entry per thread (``name:tid``). A thread that ends meanwhile is left out."""
+    ticks: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            key = f"{name}:{task.name}" if by_thread else name
+            ticks[key] = ticks.get(key, 0) + cpu_ticks(task / "stat")
+    return ticks
+
+
 def cpu_seconds() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) used so far by this process and each process below it, by
     PID with the kind of each: Ray Train workers, Ray's other processes (raylet, GCS,

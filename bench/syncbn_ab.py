@@ -33,7 +33,6 @@ and the CPU and the wait of each call to sync batch norm's exchange.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import tempfile
@@ -50,11 +49,11 @@ import torch.multiprocessing as mp
 from harness import (
     RAY_WORKER_NICENESS,
     bare_loop,
-    cpu_ticks,
     loadavg,
     machine,
     median,
     quartiles,
+    thread_cpu_ticks,
     write_dataset,
 )
 
@@ -95,13 +94,16 @@ def sources_at(revision: str) -> dict[str, str]:
     return sources
 
 
+def module_from_source(name: str, source: str) -> types.ModuleType:
+    """``source`` (one of :func:`sources_at`) run as a module of its own, ``before_<name>``."""
+    module = types.ModuleType(f"before_{name}")
+    exec(compile(source, f"<before {name}.py>", "exec"), module.__dict__)
+    return module
+
+
 def sync_batch_norm_class(sources: dict[str, str]) -> type:
     """The ``SyncBatchNorm`` of ``sources``, calling the exchange of ``sources`` (not today's)."""
-    modules = {}
-    for name in SYNC_FILES:
-        module = types.ModuleType(f"before_{name}")
-        exec(compile(sources[name], f"<before {name}.py>", "exec"), module.__dict__)
-        modules[name] = module
+    modules = {name: module_from_source(name, sources[name]) for name in SYNC_FILES}
     modules["sync_batchnorm"].all_reduce_sum = modules["stats_exchange"].all_reduce_sum
     return modules["sync_batchnorm"].SyncBatchNorm
 
@@ -125,17 +127,6 @@ def _variant_step(
     return bare_loop(config, g, d, data, rank, WORLD, direct_gradients=direct_gradients)
 
 
-def _thread_seconds() -> dict[str, float]:
-    """CPU seconds of each thread of this process, by ``name:tid``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    seconds = {}
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError):
-            name = (task / "comm").read_text().strip()
-            seconds[f"{name}:{task.name}"] = cpu_ticks(task / "stat") / tick
-    return seconds
-
-
 def breakdown(step: Callable[[], None], steps: int) -> list[str]:
     """Run ``steps`` steps and say where this rank's time went: CPU per thread, and per call of
     sync batch norm's exchange its CPU and its wait (wall clock less CPU: the peer was late)."""
@@ -150,15 +141,16 @@ def breakdown(step: Callable[[], None], steps: int) -> list[str]:
 
     sync_batchnorm.all_reduce_sum = timed
     try:
-        before, started = _thread_seconds(), time.perf_counter()
+        before, started = thread_cpu_ticks(by_thread=True), time.perf_counter()
         for _ in range(steps):
             step()
-        after, elapsed = _thread_seconds(), time.perf_counter() - started
+        after, elapsed = thread_cpu_ticks(by_thread=True), time.perf_counter() - started
     finally:
         sync_batchnorm.all_reduce_sum = exchange
     lines = [f"{elapsed / steps * 1e3:.2f} ms per step; CPU ms per step by thread:"]
-    for thread, seconds in sorted(after.items(), key=lambda item: -item[1]):
-        used = (seconds - before.get(thread, 0.0)) / steps * 1e3
+    ms_per_tick = 1e3 / os.sysconf("SC_CLK_TCK")
+    for thread, ticks in sorted(after.items(), key=lambda item: -item[1]):
+        used = (ticks - before.get(thread, 0)) * ms_per_tick / steps
         if used >= 0.05:
             lines.append(f"    {thread:28s} {used:6.2f}")
     if calls:
