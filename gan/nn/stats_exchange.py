@@ -216,9 +216,10 @@ class _Mesh:
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         flat = tensor.detach().contiguous().view(-1)
+        nbytes = flat.numel() * flat.element_size()
         self._messages += 1
-        header = _MESSAGE_HEADER.pack(self._messages, flat.numel() * flat.element_size())
-        if flat.numel() * flat.element_size() <= MAX_BLOCKING_BYTES:
+        header = _MESSAGE_HEADER.pack(self._messages, nbytes)
+        if nbytes <= MAX_BLOCKING_BYTES:
             parts = self._send_then_receive(header, flat)
         else:
             parts = self._send_while_receiving(header, flat)
