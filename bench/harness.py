@@ -240,20 +240,27 @@ def bare_step(
     latent_dim: int,
     rng: torch.Generator,
     loss: str,
+    reuse_fakes: bool = False,
 ) -> None:
     """One GAN iteration (the configured loss, no penalties) with nothing else: no figures, no
     gradient norms, no schedules. Noise is drawn on ``rng``'s device (a CUDA generator: on the
-    GPU, with no copy)."""
+    GPU, with no copy). ``reuse_fakes``: the G update trains on the D update's fakes."""
     d_loss, g_loss = get_loss(loss)
     batch = real.shape[0]
-    with torch.no_grad():
-        fake = g(torch.randn(batch, latent_dim, generator=rng, device=rng.device))
+    if reuse_fakes:
+        fake_for_g = g_run(torch.randn(batch, latent_dim, generator=rng, device=rng.device))
+        fake = fake_for_g.detach()
+    else:
+        with torch.no_grad():
+            fake = g(torch.randn(batch, latent_dim, generator=rng, device=rng.device))
     loss_d = d_loss(d_run(real), d_run(fake))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
     d.requires_grad_(False)
-    loss_g = g_loss(d(g_run(torch.randn(batch, latent_dim, generator=rng, device=rng.device))))
+    if not reuse_fakes:
+        fake_for_g = g_run(torch.randn(batch, latent_dim, generator=rng, device=rng.device))
+    loss_g = g_loss(d(fake_for_g))
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -380,10 +387,11 @@ def bare_loop(
         g_run, d_run = g, d
     local_batch = config.train.batch_size // world
     latent, loss = config.model.latent_dim, config.loss.kind
+    reuse = config.train.reuse_fakes
 
     def step() -> None:
         real = data[torch.randint(0, data.shape[0], (local_batch,), generator=rng)]
-        bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, loss)
+        bare_step(g, d, g_run, d_run, opt_g, opt_d, real, latent, rng, loss, reuse)
 
     return step
 

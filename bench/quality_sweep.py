@@ -12,6 +12,7 @@ laptop's CPU or, much faster, on a GPU machine.
 
     python bench/quality_sweep.py --steps 2000 --jobs 2 --out sweep.json
     python bench/quality_sweep.py --only default,ada --device cuda --jobs 8
+    python bench/quality_sweep.py --only sn_hinge,sn_hinge_reuse --seeds 3 --jobs 2
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ CONFIGS: dict[str, list[str]] = {
     "diffaug": [*DCGAN, *AUG],
     "ada": [*DCGAN, *ADA],
     "sn_hinge": SN_HINGE,  # ganpipe's default since this sweep
+    "sn_hinge_reuse": [*SN_HINGE, "train.reuse_fakes=true"],  # one G forward a step
     "sn_hinge_ema_ada": [*SN_HINGE, "ema.enabled=true", *ADA],
     "sn_hinge_ema_ada_lecam": [*SN_HINGE, "ema.enabled=true", *ADA, "loss.lecam_weight=0.01"],
     "ema_ada": [*DCGAN, "ema.enabled=true", *ADA],
@@ -191,6 +193,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated config names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="train each config with train.seed 0, 1, ..."
+    )
     parser.add_argument("--out", default="")
     parser.add_argument(
         "--plot",
@@ -209,7 +214,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     print(f"baselines: {json.dumps(baselines([]))}", flush=True)
-    tasks = [(n, CONFIGS[n], s, args.device) for s in args.steps for n in names]
+    tasks = [
+        (f"{n}/seed{seed}" if args.seeds > 1 else n, [*CONFIGS[n], f"train.seed={seed}"], s,
+         args.device)
+        for s in args.steps for n in names for seed in range(args.seeds)
+    ]  # fmt: skip
     results = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for result in pool.imap_unordered(_worker, tasks):

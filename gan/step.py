@@ -110,6 +110,7 @@ def train_step(
     gp_weight: float = 0.0,
     d_steps: int = 1,
     freeze_g_stats_in_d_phase: bool = False,
+    reuse_fakes: bool = False,
     ema: GeneratorEMA | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     lecam_weight: float = 0.0,
@@ -123,8 +124,9 @@ def train_step(
 
     ``generator`` and ``discriminator`` may be DistributedDataParallel wrappers; pass the wrapped
     modules as ``*_inner``. Fakes for the D phase come from the inner G under no_grad (no G
-    gradients to synchronize), and the G phase calls the inner D with its parameters frozen, so
-    DDP never waits for D gradients that a G update does not produce.
+    gradients to synchronize; with ``reuse_fakes`` the last D update's come from ``generator``),
+    and the G phase calls the inner D with its parameters frozen, so DDP never waits for D
+    gradients that a G update does not produce.
 
     Options (the defaults reproduce the plain non-saturating DCGAN step exactly):
 
@@ -137,6 +139,11 @@ def train_step(
     * ``d_steps``: D updates per G update, each on the same ``real`` batch with fresh noise.
     * ``freeze_g_stats_in_d_phase``: G's batch-norm layers normalize the D phase's fakes with
       batch statistics (training mode) but do not update their running statistics.
+    * ``reuse_fakes``: the G update trains on the fakes of the last D update (the PyTorch DCGAN
+      example's step) instead of a batch from fresh noise: one G forward a step instead of two,
+      and with synchronized batch norm in G two exchanges between ranks fewer per G norm layer.
+      That forward runs through ``generator`` with gradients, and its graph is kept through the
+      D update. Excludes ``freeze_g_stats_in_d_phase`` (there is no separate D-phase forward).
     * ``ema``: updated with the inner G and ``step`` after the G update.
     * ``augment``: a differentiable augmentation (e.g. :class:`gan.augment.Augment`) applied to
       every image D sees: the reals and fakes of the D phase and the fakes of the G phase, whose
@@ -166,6 +173,11 @@ def train_step(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if r1_interval < 1 or d_steps < 1:
         raise ValueError(f"r1_interval and d_steps must be >= 1, got {r1_interval} and {d_steps}")
+    if reuse_fakes and freeze_g_stats_in_d_phase:
+        raise ValueError(
+            "reuse_fakes and freeze_g_stats_in_d_phase exclude each other: with reused fakes G "
+            "makes one batch a step, for both updates, and its statistics count once"
+        )
     if lecam_weight > 0 and lecam_anchors is None:
         raise ValueError(
             "lecam_weight > 0 needs lecam_anchors: pass one gan.losses.LeCamAnchors() kept "
@@ -208,9 +220,14 @@ def train_step(
     for i in range(d_steps):
         z = _noise(batch, latent_dim, rng, real.device)
         y_fake = fake_labels()
-        frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
-        with torch.no_grad(), frozen:
-            fake = forward(g_inner, z, y_fake)
+        if reuse_fakes and i == d_steps - 1:
+            # Through the wrapper and with gradients: the G phase back-propagates into it.
+            fake_for_g, y_fake_for_g = forward(generator, z, y_fake), y_fake
+            fake = fake_for_g.detach()
+        else:
+            frozen = frozen_bn_stats(g_inner) if freeze_g_stats_in_d_phase else nullcontext()
+            with torch.no_grad(), frozen:
+                fake = forward(g_inner, z, y_fake)
         apply_r1 = r1_gamma > 0 and (step * d_steps + i) % r1_interval == 0
         real_in = real.detach().requires_grad_(True) if apply_r1 else real
         real_seen, fake_seen = view(real_in), view(fake)
@@ -251,9 +268,11 @@ def train_step(
 
     set_requires_grad(d_inner, False)
     try:
-        z = _noise(batch, latent_dim, rng, real.device)
-        y_fake = fake_labels()
-        loss_g = g_loss_fn(forward(d_inner, view(forward(generator, z, y_fake)), y_fake))
+        if not reuse_fakes:
+            z = _noise(batch, latent_dim, rng, real.device)
+            y_fake_for_g = fake_labels()
+            fake_for_g = forward(generator, z, y_fake_for_g)
+        loss_g = g_loss_fn(forward(d_inner, view(fake_for_g), y_fake_for_g))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         grad_norm_g = _grad_norm(g_inner)

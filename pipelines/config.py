@@ -186,6 +186,12 @@ class TrainConfig:
     freeze_g_stats_in_d_phase: bool = doc(
         "G's batch-norm running statistics are not updated by the fakes made for D", False
     )
+    reuse_fakes: bool = doc(
+        "the G update trains on the fakes of the last D update instead of a fresh batch: one G "
+        "forward a step instead of two (and with model.g_norm=sync_batch two fewer exchanges "
+        "between workers per norm layer); excludes freeze_g_stats_in_d_phase",
+        True,
+    )
     max_failures: int = doc(
         "restarts of the worker group after a worker dies, each from the latest checkpoint "
         "(Ray Train's FailureConfig; -1: no limit)",
@@ -639,6 +645,11 @@ def validate(c: Config) -> None:
         f"({t.report_every}): the distance travels with a report",
     )
     _require(t.eval_samples >= 2, "train.eval_samples must be >= 2")
+    _require(
+        not (t.reuse_fakes and t.freeze_g_stats_in_d_phase),
+        "train.reuse_fakes and train.freeze_g_stats_in_d_phase exclude each other: with reused "
+        "fakes G makes one batch a step, for both updates; set one of them to false",
+    )
     _require(
         c.data.shards >= t.workers,
         f"data.shards ({c.data.shards}) must be >= train.workers ({t.workers}): "

@@ -181,6 +181,7 @@ class TrainingState:
             d_steps=loss.d_steps,
             step=step,
             freeze_g_stats_in_d_phase=t.freeze_g_stats_in_d_phase,
+            reuse_fakes=t.reuse_fakes,
             ema=self.ema,
             augment=self.augment,
             lecam_weight=loss.lecam_weight,

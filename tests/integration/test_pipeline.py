@@ -219,7 +219,8 @@ def test_toolkit_options_run_end_to_end(ray_session, tmp_path):
         [
             f"workdir={tmp_path}", "register.model_name=toolkit", "model.d_norm=spectral",
             "loss.kind=hinge", "loss.r1_gamma=1", "loss.r1_interval=2", "ema.enabled=true",
-            "ema.decay=0.9", "train.freeze_g_stats_in_d_phase=true", "optim.g_optimizer=adamw",
+            "ema.decay=0.9", "train.freeze_g_stats_in_d_phase=true", "train.reuse_fakes=false",
+            "optim.g_optimizer=adamw",
             "optim.decay=cyclic_triangular2", "optim.cycle_half_steps=5",
             "augment.kinds=translation,cutout", "augment.adaptive=true", "augment.p=0",
             "augment.interval=2", "augment.adjust_speed=100", "augment.target=-0.9",

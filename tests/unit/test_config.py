@@ -68,6 +68,10 @@ def test_round_trip_through_dict():
         ("train.eval_every=25", ["train.eval_every", "multiple of train.report_every"]),
         ("train.report_seconds=-1", ["train.report_seconds", ">= 0"]),
         ("train.report_seconds=soon", ["train.report_seconds", "expected float"]),
+        (
+            "train.freeze_g_stats_in_d_phase=true",
+            ["train.reuse_fakes", "train.freeze_g_stats_in_d_phase", "exclude each other"],
+        ),
         ("eval.sampling_mode=average", ["eval.sampling_mode", "eval, train"]),
         ("eval.inception_weights=/nonexistent/w.pth", ["eval.inception_weights", "downloaded"]),
         ("tune.mutate=lr_g,momentum", ["tune.mutate", "momentum", "lr_g, lr_d, beta1, d_steps"]),

@@ -678,6 +678,71 @@ def test_d_steps_updates_the_discriminator_that_many_times_with_fresh_noise():
     assert all(not torch.equal(runs[1][1][k], runs[2][1][k]) for k in runs[1][1])
 
 
+def _dcgan_example_step(*, g, d, opt_g, opt_d, real, rng):
+    """The PyTorch DCGAN example's iteration: one batch of fakes serves both updates."""
+    fake = g(torch.randn(real.shape[0], LATENT, generator=rng))
+    loss_d = nonsaturating_d_loss(d(real), d(fake.detach()))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    set_requires_grad(d, False)
+    loss_g = nonsaturating_g_loss(d(fake))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    set_requires_grad(d, True)
+    return loss_d.detach(), loss_g.detach()
+
+
+@pytest.mark.parametrize("g_norm", ["batch", "sync_batch"])
+def test_reused_fakes_are_the_dcgan_example_step(g_norm):
+    runs = []
+    for reuse in (True, False):
+        g, d = _models_with(38, g_norm=g_norm)
+        opt_g, opt_d, rng = _adam(g), _adam(d, lr=1e-3), torch.Generator().manual_seed(39)
+        losses = []
+        for i in range(3):
+            s = train_step(
+                generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=_real(i),
+                latent_dim=LATENT, rng=rng, reuse_fakes=reuse,
+            )  # fmt: skip
+            losses.append((s.loss_d, s.loss_g))
+        runs.append((losses, _full_state(g, d, opt_g, opt_d, rng), g))
+    g, d = _models_with(38, g_norm=g_norm)
+    opt_g, opt_d, rng = _adam(g), _adam(d, lr=1e-3), torch.Generator().manual_seed(39)
+    expected = [
+        _dcgan_example_step(g=g, d=d, opt_g=opt_g, opt_d=opt_d, real=_real(i), rng=rng)
+        for i in range(3)
+    ]
+    (reused, reused_state, reused_g), (fresh, fresh_state, fresh_g) = runs
+    for (loss_d, loss_g), want in zip(reused, expected, strict=True):
+        assert torch.equal(loss_d, want[0]) and torch.equal(loss_g, want[1])
+    want_state = _full_state(g, d, opt_g, opt_d, rng)
+    assert all(torch.equal(reused_state[k], want_state[k]) for k in want_state)
+    # One G forward a step instead of two: one noise batch, one update of G's statistics.
+    assert int(reused_g.net[1].num_batches_tracked) == 3
+    assert int(fresh_g.net[1].num_batches_tracked) == 6
+    assert not torch.equal(reused_state["rng"], fresh_state["rng"])
+
+
+def test_reused_fakes_with_several_d_updates_come_from_the_last():
+    g, d = _models(40)
+    opt_d, opt_g = _CountingSGD(d.parameters(), lr=0.0), _CountingSGD(g.parameters(), lr=0.0)
+    g_snapshot, d_snapshot = copy.deepcopy(g), copy.deepcopy(d)
+    rng = torch.Generator().manual_seed(41)
+    stats = train_step(
+        generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d, real=_real(), latent_dim=LATENT,
+        rng=rng, d_steps=2, reuse_fakes=True,
+    )  # fmt: skip
+    assert (opt_d.steps, opt_g.steps) == (2, 1)
+    reference = torch.Generator().manual_seed(41)
+    zs = [torch.randn(BATCH, LATENT, generator=reference) for _ in range(2)]
+    assert torch.equal(rng.get_state(), reference.get_state())  # 2 D batches, no G batch
+    with torch.no_grad():  # lr=0: G and D are the same throughout; G's statistics differ
+        expected_g_loss = nonsaturating_g_loss(d_snapshot(g_snapshot(zs[1])))
+    torch.testing.assert_close(stats.loss_g, expected_g_loss)
+
+
 class _RecordingD(nn.Module):
     """Wraps D for the D phase; records each input and G's batch-norm buffers at that moment."""
 
@@ -736,6 +801,7 @@ def test_freezing_g_statistics_in_the_discriminator_phase(freeze, g_norm):
         ({"consistency_weight": -1.0}, "consistency_weight must be >= 0"),
         ({"lecam_weight": 0.1}, "needs lecam_anchors"),
         ({"consistency_weight": 0.1}, "needs augment"),
+        ({"reuse_fakes": True, "freeze_g_stats_in_d_phase": True}, "exclude each other"),
     ],
 )
 def test_bad_options_are_refused_before_anything_changes(kwargs, match):
