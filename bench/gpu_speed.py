@@ -114,7 +114,9 @@ def bare_loop(config: Config, data: torch.Tensor, device: torch.device) -> Calla
 
     def step(_: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=rng)
-        bare_step(g, d, g, d, opt_g, opt_d, data[index].to(device), latent, noise, config.loss.kind)
+        real = data[index].to(device)
+        reuse = config.train.reuse_fakes
+        bare_step(g, d, g, d, opt_g, opt_d, real, latent, noise, config.loss.kind, reuse)
 
     return step
 

@@ -7,9 +7,10 @@ process per rank, data read from the same Parquet shards, the batch sampled by i
 
 * ``bare``: a DCGAN step written here with plain torch (same models from
   ``pipelines.loop.build_models``, same Adam, same non-saturating loss, the pipeline's DDP
-  arrangement: G and D wrapped separately, no buffer broadcast, fakes for D from the unwrapped G
-  under no_grad, the G phase through the unwrapped D with its parameters frozen), with torch's
-  DDP as it comes: the gradients go through gloo.
+  arrangement: G and D wrapped separately, no buffer broadcast, the G phase through the
+  unwrapped D with its parameters frozen; with ``train.reuse_fakes``, the default, one batch of
+  fakes from the wrapped G serves both updates, else D's fakes come from the unwrapped G under
+  no_grad), with torch's DDP as it comes: the gradients go through gloo.
 * ``state``: ``pipelines.loop.TrainingState.step``, the pipeline's own step (schedules, figures,
   gradient norms) and DDP as the pipeline arranges it (on CPU, gradients over the direct
   connections of gan.nn.stats_exchange) in the same processes, without Ray: what the pipeline
