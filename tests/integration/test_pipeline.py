@@ -44,6 +44,16 @@ def test_the_feature_classifier_is_ready_before_training_measures_with_it(smoke_
     assert features.ended <= train.started
 
 
+def test_training_starts_no_ray_data_process(smoke_run):
+    """The workers read their shards themselves: Ray Train's DatasetManager actor (a process of
+    its own at every start, pipelines.train.torch_trainer_class) is left out."""
+    from ray.util.state import list_actors
+
+    classes = [actor.class_name for actor in list_actors(limit=10_000, detail=False)]
+    assert classes.count("RayTrainWorker") >= 2  # the smoke run's two workers, at least
+    assert "DatasetManager" not in classes
+
+
 def test_model_version_leads_back_to_run_data_and_commit(smoke_run):
     config, result = smoke_run
     client = MlflowClient(config.resolved_tracking_uri)
