@@ -48,10 +48,12 @@ from pipelines.seeds import EVAL_SEED, PROBE_SEED  # noqa: E402
 
 AUG = ["augment.kinds=translation,cutout"]
 ADA = [*AUG, "augment.adaptive=true", "augment.p=0"]
-SN_HINGE = ["model.d_norm=spectral", "loss.kind=hinge"]
+# Fresh fakes for the G update: the step these configurations were first measured with.
+FRESH = ["train.reuse_fakes=false"]
+SN_HINGE = ["model.d_norm=spectral", "loss.kind=hinge", *FRESH]
 # The configurations are spelled out against the DCGAN base (batch-norm D, non-saturating loss:
 # ganpipe's default until this sweep), so that results stay reproducible when defaults move.
-DCGAN = ["model.d_norm=sync_batch", "loss.kind=nonsaturating"]
+DCGAN = ["model.d_norm=sync_batch", "loss.kind=nonsaturating", *FRESH]
 CONFIGS: dict[str, list[str]] = {
     # learning-rate policies (batch-norm D)
     "default": DCGAN,  # the previous default: cosine after a linear warm-up
@@ -69,8 +71,8 @@ CONFIGS: dict[str, list[str]] = {
     "ema": [*DCGAN, "ema.enabled=true"],
     "diffaug": [*DCGAN, *AUG],
     "ada": [*DCGAN, *ADA],
-    "sn_hinge": SN_HINGE,  # ganpipe's default since this sweep
-    "sn_hinge_reuse": [*SN_HINGE, "train.reuse_fakes=true"],  # one G forward a step
+    "sn_hinge": SN_HINGE,  # ganpipe's default from this sweep to the next line's
+    "sn_hinge_reuse": [*SN_HINGE, "train.reuse_fakes=true"],  # the default since 2026-11-28
     "sn_hinge_ema_ada": [*SN_HINGE, "ema.enabled=true", *ADA],
     "sn_hinge_ema_ada_lecam": [*SN_HINGE, "ema.enabled=true", *ADA, "loss.lecam_weight=0.01"],
     "ema_ada": [*DCGAN, "ema.enabled=true", *ADA],

@@ -374,8 +374,8 @@ def torch_trainer_class() -> type:
     Ray Train 2.60 starts a ``DatasetManager`` actor, a process of its own, for every worker
     group, with datasets or without; the workers here read their Parquet shards themselves. On
     2 cores that process takes CPU from the workers' own start: leaving it out made ``fit()``
-    reach the training function 2.3 s sooner (13.7 s to 11.3 s, median of 4 fits each, taking
-    turns; docs/benchmarks.md). The hook, ``_create_default_callbacks``, is not public API: on a
+    reach the training function 2.7 s sooner (15.0 s to 12.3 s, medians of 5 fits taking turns,
+    bench/ray_train_startup.py). The hook, ``_create_default_callbacks``, is not public API: on a
     Ray without it or without ``DatasetsCallback`` this returns ``TorchTrainer`` as it is.
     """
     from ray.train.torch import TorchTrainer
