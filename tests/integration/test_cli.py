@@ -1,4 +1,8 @@
-"""`ganpipe run` as a user runs it: a subprocess, joined to the tests' Ray instance."""
+"""`ganpipe run` as a user runs it: a subprocess, joined to the tests' Ray instance.
+
+The run goes to the smoke run's workdir with another model name: the steps the smoke run
+finished come from the cache, and register runs (the smoke run covers the steps themselves;
+a second full run here took a minute of the suite)."""
 
 from __future__ import annotations
 
@@ -30,13 +34,16 @@ def ray_address(ray_session):
     return ray.get_runtime_context().gcs_address
 
 
-def test_run_prints_figures_model_uri_and_next_commands(ray_address, tmp_path):
-    workdir = tmp_path / "w"
+def test_run_prints_figures_model_uri_and_next_commands(ray_address, smoke_run):
+    workdir = smoke_run[0].workdir
     done = _ganpipe(
         ["run", "-c", "smoke", f"workdir={workdir}", "register.model_name=cli-model"], ray_address
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
+    for step in ("prepare", "validate", "fit_features", "train", "evaluate"):
+        assert f"[{step}] cached" in out, step
+    assert "[register] finished" in out
     for line in ("generator", "floor (train images)", "Gaussian baseline", "classes covered"):
         assert line in out
     assert "Registered: models:/cli-model@champion" in out

@@ -36,8 +36,9 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults")
+def workdir(smoke_run):
+    """The smoke run's: its data and feature steps come from the cache (the same config)."""
+    return smoke_run[0].workdir
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -34,11 +34,11 @@ def _wait_for_cpus(expected: float, timeout: float = 90) -> None:
     raise AssertionError(f"Ray did not free the killed run's CPUs: {ray.available_resources()}")
 
 
-def test_killed_driver_resumes_training_from_its_checkpoint(ray_session, tmp_path):
+def test_killed_driver_resumes_training_from_its_checkpoint(smoke_run):
     import ray
 
     total_cpus = ray.cluster_resources()["CPU"]
-    workdir = tmp_path / "w"
+    workdir = smoke_run[0].workdir  # its data and feature steps come from the cache
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
     cli = [sys.executable, "-m", "pipelines.cli", "run"]
