@@ -1,11 +1,12 @@
-"""gan.nn.stats_exchange across three gloo processes: sums small and large, strangers at set-up,
-DDP's gradients, the gloo fallback and a lost peer."""
+"""gan.nn.stats_exchange across three gloo processes: sums small and large, a late rank,
+strangers at set-up, DDP's gradients, the gloo fallback and a lost peer."""
 
 from __future__ import annotations
 
 import os
 import socket
 import struct
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +18,14 @@ import torch.distributed as dist
 from spawned_ranks import run_ranks
 from torch import nn
 
-from gan.nn.stats_exchange import EXCHANGE_ENV, MAX_BLOCKING_BYTES, all_reduce_sum
+from gan.nn.stats_exchange import (
+    EXCHANGE_ENV,
+    MAX_BLOCKING_BYTES,
+    RECEIVE_TIMEOUT_S,
+    SPIN_S,
+    _meshes,
+    all_reduce_sum,
+)
 from pipelines.train import wrap_ddp
 
 WORLD_SIZE = 3
@@ -100,6 +108,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             t = _contribution(rank, numel, torch.float32)
             all_reduce_sum(t)
             results[name] = t
+        # Rank 1 comes to a small sum long after the others have stopped spinning and blocked.
+        if rank == 1:
+            time.sleep(100 * SPIN_S)
+        late = _contribution(rank, 257, torch.float64)
+        all_reduce_sum(late)
+        results["late"] = late
+        results["timeouts"] = [c.gettimeout() for c in _meshes[dist.group.WORLD].peers.values()]
         results["gloo_calls"] = list(gloo_calls)
         results["ddp"] = _ddp_gradients(rank)
 
@@ -161,6 +176,18 @@ def test_every_rank_gets_the_same_bits_of_the_rank_order_sum(
         expected += _contribution(rank, 257, dtype)
     for r in results:
         assert torch.equal(r[f"small_{dtype}"], expected)
+
+
+def test_ranks_early_to_a_sum_block_after_their_spin_and_get_it_when_the_last_comes(
+    results: list[dict[str, Any]],
+) -> None:
+    expected = _contribution(0, 257, torch.float64).clone()
+    for rank in range(1, WORLD_SIZE):
+        expected += _contribution(rank, 257, torch.float64)
+    for r in results:
+        assert torch.equal(r["late"], expected)
+        # Blocking again, under the timeout that fails a peer that stopped answering.
+        assert r["timeouts"] == [RECEIVE_TIMEOUT_S] * (WORLD_SIZE - 1)
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
