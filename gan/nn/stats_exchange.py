@@ -61,8 +61,8 @@ CONNECT_TIMEOUT_S = 60.0
 # A rank that is early at a small exchange reads without blocking for this long before it
 # blocks. Most waits are shorter (median 6 µs, 90th percentile 180 µs, in sync batch norm's step
 # at 2 workers), and a rank that blocks lets its core go idle, which the late rank's send then
-# has to wake (on these KVM machines, with the guest's idle polling off). Measured in turns on
-# 2 cores: sync batch norm's step 1.8 % shorter, the same CPU time; gradient buckets, whose time
+# likely has to wake (on these KVM machines the guest's idle polling is off). In turns on 2
+# cores: sync batch norm's step 1.8 % shorter, the same CPU time; gradient buckets, whose time
 # goes to copying, gained nothing from a spin (docs/benchmarks.md).
 SPIN_S = 200e-6
 # As long as torch's default process-group timeout: a rank that stops answering fails its peers.
