@@ -220,11 +220,11 @@ def main() -> None:
                 compiles = "perf.compile=true" in VARIANTS.get(variant, [])
                 if compiles and round_index > 0:  # compiling takes longer than measuring
                     continue
-                config = _config(model, VARIANTS.get(variant, []), args.device)
                 # Inductor converts convolutions to NHWC by itself ("layout optimization").
                 if compiles:
                     inductor_config.layout_optimization = variant != "+ compile, no NHWC"
-                try:
+                try:  # the config may refuse a combination (compile + NHWC): say so, go on
+                    config = _config(model, VARIANTS.get(variant, []), args.device)
                     step = (
                         bare_loop(config, data, device)
                         if variant == "bare"

@@ -34,7 +34,9 @@ echo "== 1. bench/step_ops.py and bench/step_ab.py on CUDA"
 timeout 45 python3 bench/step_ops.py --device cuda --model dcgan64,default
 before=${STEP_BEFORE:-.whl/step_before.py}
 if [ -f "$before" ]; then
-  timeout 60 python3 bench/step_ab.py --before "$before" --device cuda --model dcgan64 --blocks 30
+  # The earlier step predates train.reuse_fakes: both versions run with fresh fakes.
+  timeout 60 python3 bench/step_ab.py --before "$before" --device cuda --model dcgan64 --blocks 30 \
+    -- train.reuse_fakes=false
 else
   echo "step_ab.py skipped: no $before"
 fi
