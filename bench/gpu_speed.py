@@ -109,14 +109,14 @@ def bare_loop(config: Config, data: torch.Tensor, device: torch.device) -> Calla
     opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
     batch, latent = config.train.batch_size, config.model.latent_dim
+    loss, reuse = config.loss.kind, config.train.reuse_fakes
     rng = torch.Generator().manual_seed(1)
     noise = torch.Generator(device=device).manual_seed(2)
 
     def step(_: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=rng)
         real = data[index].to(device)
-        reuse = config.train.reuse_fakes
-        bare_step(g, d, g, d, opt_g, opt_d, real, latent, noise, config.loss.kind, reuse)
+        bare_step(g, d, g, d, opt_g, opt_d, real, latent, noise, loss, reuse)
 
     return step
 
