@@ -71,12 +71,14 @@ def compatible_train_step(module: ModuleType) -> Callable[..., object]:
 
 
 def seconds_per_step(
-    loop: Callable[[int], None], module: ModuleType, first: int, steps: int, device: torch.device
+    loop: Callable[[int], None],
+    train_step: Callable[..., object],
+    first: int,
+    steps: int,
+    device: torch.device,
 ) -> float:
-    """Seconds per step of ``steps`` steps of ``loop`` with ``module``'s train_step."""
-    pipelines.loop.train_step = (
-        module.train_step if module is gan.step else compatible_train_step(module)
-    )
+    """Seconds per step of ``steps`` steps of ``loop`` with ``train_step``."""
+    pipelines.loop.train_step = train_step
     _sync(device)
     started = time.perf_counter()
     for i in range(first, first + steps):
@@ -101,7 +103,10 @@ def main() -> None:
         torch.set_num_threads(1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}; before: {args.before}")
-    versions = {"before": load_step_module(args.before), "after": gan.step}
+    versions = {
+        "before": compatible_train_step(load_step_module(args.before)),
+        "after": gan.step.train_step,
+    }
 
     try:
         for model in args.model.split(","):
@@ -113,7 +118,7 @@ def main() -> None:
 def compare(
     model: str,
     args: argparse.Namespace,
-    versions: dict[str, ModuleType],
+    versions: dict[str, Callable[..., object]],
     device: torch.device,
     parser: argparse.ArgumentParser,
 ) -> None:
@@ -130,8 +135,8 @@ def compare(
     loops = {version: ganpipe_loop(config, data, device) for version in versions}
 
     seconds: dict[str, list[float]] = {version: [] for version in versions}
-    for version, module in versions.items():  # warm-up
-        seconds_per_step(loops[version], module, 0, args.block, device)
+    for version, train_step in versions.items():  # warm-up
+        seconds_per_step(loops[version], train_step, 0, args.block, device)
     for index in range(args.blocks):
         order = list(versions) if index % 2 == 0 else list(versions)[::-1]
         for version in order:
