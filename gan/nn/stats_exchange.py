@@ -66,6 +66,9 @@ CONNECT_TIMEOUT_S = 60.0
 # gradient buckets, whose time goes to copying, gained nothing from a spin (docs/benchmarks.md).
 SPIN_S = 200e-6
 # As long as torch's default process-group timeout: a rank that stops answering fails its peers.
+# The kernel keeps it (SO_RCVTIMEO, SO_SNDTIMEO) and the sockets are blocking for Python: a
+# Python-level timeout would poll before every send and receive, one more system call each, and
+# each system call between two convolutions costs several times what it costs back to back.
 RECEIVE_TIMEOUT_S = timedelta(minutes=30).total_seconds()
 
 _RANK_HEADER = struct.Struct("!i")
@@ -170,9 +173,13 @@ class _Mesh:
             # Lower ranks listen, higher ranks connect: every pair gets exactly one connection.
             self.peers = {peer: self._connect(peer, *addresses[peer]) for peer in range(self.rank)}
             self.peers.update(self._accept(listener, token))
+        self.receive_timeout_s = RECEIVE_TIMEOUT_S
+        timeout = _timeval(self.receive_timeout_s)
         for conn in self.peers.values():
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(RECEIVE_TIMEOUT_S)
+            conn.setblocking(True)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         self._finalizer = weakref.finalize(self, _close_all, list(self.peers.values()))
         self._messages = 0
 
@@ -271,12 +278,10 @@ class _Mesh:
                     selector.register(conn, both, peer)
                 while selector.get_map():
                     peer = "?"
-                    ready = selector.select(timeout=RECEIVE_TIMEOUT_S)
+                    ready = selector.select(timeout=self.receive_timeout_s)
                     if not ready:
-                        waiting = ", ".join(str(key.data) for key in selector.get_map().values())
-                        raise RuntimeError(
-                            f"exchange between ranks: rank {self.rank} waited "
-                            f"{RECEIVE_TIMEOUT_S:.0f} s for rank(s) {waiting}; did they stop?"
+                        raise self._silent(
+                            ", ".join(str(key.data) for key in selector.get_map().values())
                         )
                     for key, events in ready:
                         peer, conn = key.data, key.fileobj
@@ -320,7 +325,7 @@ class _Mesh:
                 raise self._lost(peer, error) from error
             finally:
                 for conn in self.peers.values():
-                    conn.settimeout(RECEIVE_TIMEOUT_S)  # blocking again, for the small path
+                    conn.setblocking(True)  # for the small path; the kernel keeps the timeout
         parts[self.rank] = flat
         return parts
 
@@ -334,25 +339,22 @@ class _Mesh:
     ) -> bytearray:
         """``size`` bytes from ``conn``; with ``header``, the message must start with the same
         header (checked as soon as it is in, before waiting for more). With ``spin_s``, reads
-        without blocking for that long first, then blocks under the connection's timeout."""
+        without waiting (``MSG_DONTWAIT``) for that long first, then as the connection reads."""
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
-        timeout = conn.gettimeout()
-        spinning = spin_s > 0
-        if spinning:
+        flags = socket.MSG_DONTWAIT if spin_s > 0 else 0
+        if flags:
             spin_until = time.perf_counter() + spin_s
-            conn.setblocking(False)
         try:
             while received < size:
                 try:
-                    count = conn.recv_into(view[received:])
+                    count = conn.recv_into(view[received:], 0, flags)
                 except BlockingIOError:
-                    if not spinning:
-                        raise
-                    if time.perf_counter() >= spin_until:  # nothing yet: block from here on
-                        spinning = False
-                        conn.settimeout(timeout)
+                    if not flags:  # a blocking read ran out of SO_RCVTIMEO
+                        raise self._silent(peer) from None
+                    if time.perf_counter() >= spin_until:  # nothing yet: wait from here on
+                        flags = 0
                     continue
                 if count == 0:
                     raise ConnectionError("connection closed")
@@ -361,9 +363,6 @@ class _Mesh:
                 received += count
         except OSError as error:
             raise self._lost(peer, error) from error
-        finally:
-            if spinning:
-                conn.settimeout(timeout)
         return buffer
 
     def _tell_the_rest(self, header: bytes, sent: dict[int, int]) -> None:
@@ -402,11 +401,23 @@ class _Mesh:
             "parameters used on every rank)"
         )
 
+    def _silent(self, peers: int | str) -> RuntimeError:
+        return RuntimeError(
+            f"exchange between ranks: rank {self.rank} waited {self.receive_timeout_s:.0f} s for "
+            f"rank(s) {peers}; did they stop?"
+        )
+
     def _lost(self, peer: int | str, error: OSError) -> RuntimeError:
         return RuntimeError(
             f"exchange between ranks: rank {self.rank} lost its connection to rank {peer} "
             f"({error}); did that worker stop?"
         )
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as the ``struct timeval`` that SO_RCVTIMEO and SO_SNDTIMEO take."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def _close_all(connections: list[socket.socket]) -> None:

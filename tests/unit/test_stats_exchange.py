@@ -1,5 +1,5 @@
 """gan.nn.stats_exchange across three gloo processes: sums small and large, a late rank,
-strangers at set-up, DDP's gradients, the gloo fallback and a lost peer."""
+strangers at set-up, DDP's gradients, the gloo fallback, a silent peer and a lost one."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from spawned_ranks import run_ranks
 from torch import nn
 
+from gan.nn import stats_exchange
 from gan.nn.stats_exchange import (
     EXCHANGE_ENV,
     MAX_BLOCKING_BYTES,
@@ -32,6 +33,7 @@ WORLD_SIZE = 3
 # float32 elements: just past the send-then-receive path, and far past a socket's buffers
 # (Linux's loopback autotunes them up to 4 MiB), where every rank sending first would deadlock.
 SIZES = {"over_blocking": MAX_BLOCKING_BYTES // 4 + 1, "over_buffers": 3 * 2**20}
+SILENT_TIMEOUT_S = 2.0
 
 
 def _contribution(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +116,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         late = _contribution(rank, 257, torch.float64)
         all_reduce_sum(late)
         results["late"] = late
-        results["timeouts"] = [c.gettimeout() for c in _meshes[dist.group.WORLD].peers.values()]
+        results["timeouts"] = [
+            (
+                conn.gettimeout(),
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16),
+            )
+            for conn in _meshes[dist.group.WORLD].peers.values()
+        ]
         results["gloo_calls"] = list(gloo_calls)
         results["ddp"] = _ddp_gradients(rank)
 
@@ -132,6 +141,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["bad_env"] = str(error)
         del os.environ[EXCHANGE_ENV]
         dist.all_reduce = real_all_reduce
+        dist.barrier()
+
+        # Rank 2 stays but stops summing: ranks 0 and 1 fail when the kernel's receive timeout
+        # runs out (2 s for a group of its own), naming it.
+        stats_exchange.RECEIVE_TIMEOUT_S = SILENT_TIMEOUT_S
+        group = dist.new_group(list(range(WORLD_SIZE)))
+        all_reduce_sum(torch.ones(2), group)
+        stats_exchange.RECEIVE_TIMEOUT_S = RECEIVE_TIMEOUT_S
+        if rank != 2:
+            started = time.monotonic()
+            try:
+                all_reduce_sum(torch.ones(2), group)
+            except RuntimeError as error:
+                results["silent"] = (str(error), time.monotonic() - started)
         dist.barrier()
 
         # Rank 0 sums one element fewer than the others, as if it skipped a layer or a bucket:
@@ -186,8 +209,9 @@ def test_ranks_early_to_a_sum_block_after_their_spin_and_get_it_when_the_last_co
         expected += _contribution(rank, 257, torch.float64)
     for r in results:
         assert torch.equal(r["late"], expected)
-        # Blocking again, under the timeout that fails a peer that stopped answering.
-        assert r["timeouts"] == [RECEIVE_TIMEOUT_S] * (WORLD_SIZE - 1)
+        # Blocking again, under the kernel's timeout that fails a peer that stopped answering.
+        thirty_minutes = struct.pack("ll", int(RECEIVE_TIMEOUT_S), 0)
+        assert r["timeouts"] == [(None, thirty_minutes, thirty_minutes)] * (WORLD_SIZE - 1)
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -252,6 +276,16 @@ def test_ranks_out_of_step_fail_on_large_messages_too(results: list[dict[str, An
     assert any("out of step" in e for e in errors), errors
     for r in results:
         assert torch.equal(r["after_out_of_step"], torch.full((3,), 3.0))
+
+
+def test_a_silent_peer_fails_the_others_when_the_receive_timeout_runs_out(
+    results: list[dict[str, Any]],
+) -> None:
+    for r in results[:2]:
+        error, waited = r["silent"]
+        assert "waited 2 s for rank(s) 2; did they stop?" in error, error
+        assert SILENT_TIMEOUT_S <= waited < 10 * SILENT_TIMEOUT_S
+    assert "silent" not in results[2]
 
 
 def test_a_lost_peer_is_an_error_that_names_it(results: list[dict[str, Any]]) -> None:
