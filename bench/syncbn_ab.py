@@ -4,6 +4,7 @@
     python bench/syncbn_ab.py --before HEAD~1       # also that commit's sync batch norm
     python bench/syncbn_ab.py --breakdown           # then CPU per thread, exchange waits
     python bench/syncbn_ab.py --gloo-gradients      # also both with DDP's gradients via gloo
+    python bench/syncbn_ab.py --decompose           # also the layer with no exchange
     python bench/syncbn_ab.py -- model.d_norm=sync_batch model.g_width=64
 
 Two ranks (``torch.multiprocessing``, gloo through a file store, one torch thread each, Ray's
@@ -17,6 +18,9 @@ gloo):
 * ``before``, with ``--before REV``: the same models, their sync batch norm layers running
   ``gan/nn/sync_batchnorm.py`` and ``gan/nn/stats_exchange.py`` as they were at REV (the
   gradients go as today's pipeline sends them);
+* ``sync-local``, with ``--decompose``: today's sync batch norm layers with the exchange left
+  out, each rank normalizing with its own statistics: ``sync-local / batch`` is the cost of the
+  layer's own work, ``sync / sync-local`` that of its exchanges;
 * ``batch-gloo`` and ``sync-gloo``, with ``--gloo-gradients``: ``batch`` and ``sync`` with
   torch's DDP as it comes, the gradients averaged through gloo (bench/harness.py's
   ``bare_loop`` without ``direct_gradients``).
@@ -72,6 +76,8 @@ RATIOS = (
     ("sync", "batch"),
     ("before", "batch"),
     ("sync", "before"),
+    ("sync-local", "batch"),
+    ("sync", "sync-local"),
     ("sync-gloo", "batch-gloo"),
     ("batch", "batch-gloo"),
     ("sync", "sync-gloo"),
@@ -101,10 +107,22 @@ def module_from_source(name: str, source: str) -> types.ModuleType:
     return module
 
 
-def sync_batch_norm_class(sources: dict[str, str]) -> type:
-    """The ``SyncBatchNorm`` of ``sources``, calling the exchange of ``sources`` (not today's)."""
+def sources_today() -> dict[str, str]:
+    """The sync batch norm modules' source in this working tree."""
+    return {name: (ROOT / "gan" / "nn" / f"{name}.py").read_text() for name in SYNC_FILES}
+
+
+def _no_exchange(tensor: torch.Tensor, group: Any = None) -> None:
+    """In place of the exchange: every rank keeps its own sums."""
+
+
+def sync_batch_norm_class(sources: dict[str, str], exchange: bool = True) -> type:
+    """The ``SyncBatchNorm`` of ``sources``, calling the exchange of ``sources`` (not today's),
+    or with ``exchange=False`` none."""
     modules = {name: module_from_source(name, sources[name]) for name in SYNC_FILES}
-    modules["sync_batchnorm"].all_reduce_sum = modules["stats_exchange"].all_reduce_sum
+    modules["sync_batchnorm"].all_reduce_sum = (
+        modules["stats_exchange"].all_reduce_sum if exchange else _no_exchange
+    )
     return modules["sync_batchnorm"].SyncBatchNorm
 
 
@@ -179,10 +197,12 @@ def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cov
     own = concat([read_shard(p, shape) for p in job["shards"][rank::WORLD]])
     data = to_model_range(own.images)
     before = sync_batch_norm_class(job["before"]) if job["before"] else None
+    local = sync_batch_norm_class(job["today"], exchange=False) if job["today"] else None
     variants = {  # the layer class, and whether gradients go as the pipeline sends them
         "batch": (None, True),
         "sync": (None, True),
         "before": (before, True),
+        "sync-local": (local, True),
         "batch-gloo": (None, False),
         "sync-gloo": (None, False),
     }
@@ -259,6 +279,11 @@ def main() -> None:
         help="also batch-gloo and sync-gloo: DDP's gradients through gloo, as torch does",
     )
     parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="also sync-local: today's layers with no exchange (the layer's cost alone)",
+    )
+    parser.add_argument(
         "--breakdown",
         action="store_true",
         help="then say where rank 0's time goes: CPU per thread, sync batch norm's exchanges",
@@ -284,6 +309,8 @@ def main() -> None:
         configs = {"batch": batch.to_dict(), "sync": sync.to_dict()}
         if before:
             configs["before"] = sync.to_dict()
+        if args.decompose:
+            configs["sync-local"] = sync.to_dict()
         if args.gloo_gradients:
             configs.update({"batch-gloo": batch.to_dict(), "sync-gloo": sync.to_dict()})
         print(f"machine: {machine()}")
@@ -294,6 +321,7 @@ def main() -> None:
         job = {
             "configs": configs,
             "before": before,
+            "today": sources_today() if args.decompose else {},
             "shards": dataset.shards,
             "shape": list(dataset.shape),
             "block": args.block,
