@@ -76,12 +76,14 @@ class DivergenceGuard:
         modules = [self.state.generator, self.state.discriminator]
         if self.state.ema is not None:
             modules.append(self.state.ema.module)
-        return all(
-            bool(torch.isfinite(p).all())
+        # One read for all of them: on a GPU each read waits for the device.
+        finite = [
+            torch.isfinite(p).all()
             for module in modules
             for p in [*module.parameters(), *module.buffers()]
             if p.is_floating_point()
-        )
+        ]
+        return bool(torch.stack(finite).all())
 
     def healthy(self, figures: torch.Tensor, any_worker: Any = None) -> bool:
         """Whether ``figures`` (the window's averaged losses and norms) and every weight are

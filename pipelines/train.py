@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
 from gan.monitor import DistanceProbe
-from gan.nn.stats_exchange import ddp_comm_hook, exchange
+from gan.nn.stats_exchange import all_reduce_sum, ddp_comm_hook, exchange
 from gan.step import StepStats
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
@@ -59,8 +59,10 @@ ReportHandler = Callable[[dict[str, Any], str | None], None]
 
 
 def _mean_across_workers(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the workers in place; on CPU over the workers' direct
+    connections (gan.nn.stats_exchange), as sync batch norm's statistics go, not through gloo."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
+        all_reduce_sum(values)
         values /= dist.get_world_size()
     return values
 
