@@ -284,7 +284,8 @@ def test_a_silent_peer_fails_the_others_when_the_receive_timeout_runs_out(
     for r in results[:2]:
         error, waited = r["silent"]
         assert "waited 2 s for rank(s) 2; did they stop?" in error, error
-        assert SILENT_TIMEOUT_S <= waited < 10 * SILENT_TIMEOUT_S
+        # The kernel counts the timeout in ticks: allow it to end a tick early.
+        assert 0.9 * SILENT_TIMEOUT_S <= waited < 10 * SILENT_TIMEOUT_S
     assert "silent" not in results[2]
 
 
