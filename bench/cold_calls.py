@@ -65,11 +65,11 @@ def works() -> dict[str, Callable[[], None]]:
 
 def probes() -> dict[str, Callable[[], None]]:
     """The small calls timed, by name."""
-    statistics_ = torch.randn(257, dtype=torch.float64)
+    bn_statistics = torch.randn(257, dtype=torch.float64)
 
     def clones() -> None:
         for _ in range(10):
-            statistics_.clone()
+            bn_statistics.clone()
 
     return {"Python loop": _python_loop, "20 syscalls": _system_calls, "10 torch clones": clones}
 
