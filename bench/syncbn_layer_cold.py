@@ -28,26 +28,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
-import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from harness import loadavg, machine
+from syncbn_ab import _no_exchange, module_from_source, sources_at
 
 from gan.nn import sync_batchnorm
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((32, 64, 4, 4), (32, 32, 8, 8))  # the default generator's two layers, one rank
-
-
-def _no_exchange(tensor: torch.Tensor, group: Any = None) -> None:
-    """In place of the exchange: the layer sees one rank."""
 
 
 def _one_rank_gather(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -109,16 +101,9 @@ class _FewestCalls(torch.autograd.Function):
 
 
 def layer_at(revision: str) -> type:
-    """gan/nn/sync_batchnorm.py's CPU autograd function at ``revision``, without its exchange."""
-    shown = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{revision}:gan/nn/sync_batchnorm.py"],
-        capture_output=True,
-        text=True,
-    )
-    if shown.returncode != 0:
-        sys.exit(f"--before {revision}: {shown.stderr.strip()}")
-    module = types.ModuleType("before_sync_batchnorm")
-    exec(compile(shown.stdout, "<before sync_batchnorm.py>", "exec"), module.__dict__)
+    """gan/nn/sync_batchnorm.py's CPU autograd function at ``revision``, without its exchange;
+    ValueError for a revision git cannot show."""
+    module = module_from_source("sync_batchnorm", sources_at(revision)["sync_batchnorm"])
     _without_exchange(module)
     return module._CpuSyncBatchNormFn
 
@@ -175,7 +160,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {machine()}\nload average at start: {loadavg()}")
-    chosen = variants(args.before)
+    try:
+        chosen = variants(args.before)
+    except ValueError as error:
+        parser.error(str(error))
     per_step = dict.fromkeys(chosen, 0.0)
     for shape in SHAPES:
         medians = time_layer(shape, chosen, args.calls)
