@@ -15,9 +15,12 @@ blocks, and the median printed: the machine's drift falls on both sides alike.
 
 A side is ``HOST:MODE``, with config overrides of its own after ``+`` if any
 (``process:bare+model.g_norm=batch+model.d_norm=batch``; a value cannot hold ``+`` or ``,``,
-and ``train.workers`` and ``data.*`` are the same for both sides):
+and ``data.*`` is the same for both sides). A side's own ``train.workers`` sets its ranks
+instead of ``--workers``: with ``train.batch_size`` scaled alike, the ratio is weak scaling
+(``process:bare+train.workers=2+train.batch_size=128,process:bare``: 2 ranks of 64 images against
+1 of 64; the efficiency is the ratio over 2).
 
-* HOST ``ray``: ``--workers`` Ray Train workers (``TorchTrainer``, gloo, one CPU and one torch
+* HOST ``ray``: the side's ranks as Ray Train workers (``TorchTrainer``, gloo, one CPU and one torch
   thread each, Ray's niceness); ``process``: as many ``torch.multiprocessing`` processes (gloo
   through a file store) at the same niceness.
 * MODE ``state``: ``TrainingState.step``, the pipeline's step; ``bare``: the bare loop of
@@ -204,11 +207,10 @@ def parse_sides(text: str) -> tuple[str, str]:
             )
         for override in overrides:
             key = override.partition("=")[0]
-            if key == "train.workers" or key.startswith("data."):
-                # Both sides run --workers ranks on one dataset, written once.
+            if key.startswith("data."):  # both sides read one dataset, written once
                 raise ValueError(
-                    f"side {side!r}: {key} cannot differ between the sides; use --workers, or "
-                    "an override after -- for both"
+                    f"side {side!r}: {key} cannot differ between the sides; give it after -- "
+                    "for both"
                 )
     if all(split_side(side)[0] == "ray" for side in sides):
         # Two trainers would each hold --workers CPUs: on 2 cores the second would never start.
@@ -218,7 +220,9 @@ def parse_sides(text: str) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=1, help="ranks on each side")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="ranks on each side without its own train.workers"
+    )
     parser.add_argument("--sides", default="ray:state,process:bare", help="A,B: prints A / B")
     parser.add_argument("--block", type=int, default=40, help="steps per block")
     parser.add_argument("--pairs", type=int, default=40, help="pairs of blocks (one per side)")
@@ -269,7 +273,7 @@ def main() -> None:
                 )
                 for i, side in enumerate(sides)
             ]
-            ranks = accept_ranks(listener, len(sides) * args.workers)
+            ranks = accept_ranks(listener, sum(configs[s].train.workers for s in sides))
             print(f"both sides warmed up; load {loadavg()}", flush=True)
 
             a, b = sides
@@ -299,10 +303,14 @@ def main() -> None:
 
     low, high = quartiles(wall_ratios)
     print()
-    print(f"{args.workers} worker(s), {args.pairs} pairs of {args.block}-step blocks")
+    print(f"{args.pairs} pairs of {args.block}-step blocks")
     width = max(len(side) for side in sides)
     for side in sides:
-        print(f"  {side:{width}s} {median(rates[side]):7.0f} images/s (median block)")
+        c = configs[side].train
+        print(
+            f"  {side:{width}s} {median(rates[side]):7.0f} images/s (median block; "
+            f"{c.workers} worker(s), global batch {c.batch_size})"
+        )
     print(
         f"  {a} / {b}, images/s: {median(wall_ratios):.3f} (median of pairs; quartiles "
         f"{low:.3f}-{high:.3f}); images per CPU-second: {median(cpu_ratios):.3f}"
