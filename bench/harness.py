@@ -45,6 +45,7 @@ from torch import nn
 from gan.data import ImageSet, read_source
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard, split_shards, to_table
+from gan.host_memory import keep_freed_memory
 from gan.losses import get_loss
 from pipelines.config import Config, config_from_dict
 from pipelines.loop import TrainingState, build_models
@@ -334,8 +335,12 @@ class _GcTime:
 
 def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int], None]:
     """This rank's step of the reference loop (``job["mode"]``: ``bare`` or ``state``), its
-    models built and its shards read: ``step(i)`` trains step ``i``."""
+    models built and its shards read: ``step(i)`` trains step ``i``. With
+    ``perf.keep_freed_memory`` (the default) both modes keep freed memory as the pipeline's
+    workers do, so that a comparison of the two is not one of malloc's settings."""
     config = config_from_dict(job["config"])
+    if config.perf.keep_freed_memory:
+        keep_freed_memory()  # before the shards and the networks, as in pipelines/train.py
     t = config.train
     shape = tuple(job["shape"])
     own = concat([read_shard(p, shape) for p in job["shards"][rank::world]])

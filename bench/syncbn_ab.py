@@ -63,6 +63,7 @@ from harness import (
 
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
+from gan.host_memory import keep_freed_memory
 from gan.nn import sync_batchnorm
 from gan.nn.sync_batchnorm import SyncBatchNorm
 from pipelines.config import Config, ConfigError, config_from_dict, load_config
@@ -185,6 +186,8 @@ def breakdown(step: Callable[[], None], steps: int) -> list[str]:
 
 def _rank(rank: int, store: str, job: dict[str, Any]) -> None:  # pragma: no cover - a child
     torch.set_num_threads(1)
+    if all(config_from_dict(c).perf.keep_freed_memory for c in job["configs"].values()):
+        keep_freed_memory()  # as the pipeline's workers do
     os.nice(RAY_WORKER_NICENESS)
     dist.init_process_group(
         "gloo",

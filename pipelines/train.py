@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gan.data.arrays import to_model_range
 from gan.data.shards import concat, read_shard
+from gan.host_memory import keep_freed_memory
 from gan.monitor import DistanceProbe
 from gan.nn.stats_exchange import all_reduce_sum, ddp_comm_hook, exchange
 from gan.step import StepStats
@@ -168,6 +169,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(t.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Before the shards and the networks are allocated, so that they too come from the heap.
+    if config.perf.keep_freed_memory and not keep_freed_memory() and rank == 0:
+        print("[train] perf.keep_freed_memory: not glibc's malloc here; left as it is", flush=True)
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     shape = tuple(loop_config["shape"])
