@@ -5,9 +5,9 @@ iteration. glibc's malloc serves blocks above its mmap threshold with fresh ``mm
 returns the top of its heap to the kernel once more than its trim threshold lies free there;
 both thresholds move with the allocation history (the mmap threshold rises to the largest block
 freed so far). So depending on the run, every step gives pages back and faults them in again:
-140 to 800 minor page faults per step of the default model, 5-15 % of its time on a 2-core host
-(docs/benchmarks.md, "Twelfth session"). Fixed thresholds end both: blocks up to 32 MiB come from
-the heap, and freed memory stays in the process for the next step.
+135 to 1,000 minor page faults per 1-worker step of the default model, up to 15 % of its time on a
+2-core host (docs/benchmarks.md, "Twelfth session"). Fixed thresholds end both: blocks up to
+32 MiB come from the heap, and freed memory stays in the process for the next step.
 
 Other C libraries (macOS, musl) are left alone.
 """

@@ -237,7 +237,7 @@ class PerfConfig:
     keep_freed_memory: bool = doc(
         "glibc only: fixed malloc thresholds in each training worker, so that memory freed in "
         "one step is reused by the next instead of being handed back to the kernel and faulted "
-        "in again (gan.host_memory; 5-15 % of a CPU step on 2 cores, docs/benchmarks.md)",
+        "in again (gan.host_memory; up to 15 % of a CPU step on 2 cores, docs/benchmarks.md)",
         True,
     )
 
