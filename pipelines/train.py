@@ -171,7 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     # Before the shards and the networks are allocated, so that they too come from the heap.
     if config.perf.keep_freed_memory and not keep_freed_memory() and rank == 0:
-        print("[train] perf.keep_freed_memory: not glibc's malloc here; left as it is", flush=True)
+        message = "no glibc mallopt here, or it refused the values; malloc left as it is"
+        print(f"[train] perf.keep_freed_memory: {message}", flush=True)
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
 
     shape = tuple(loop_config["shape"])
