@@ -74,13 +74,16 @@ def main() -> None:
     print(f"load average at start: {loadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            base = [f"workdir={tmp}", "train.workers=1", *args.overrides]
+            # One worker whatever the overrides say: each variant runs as rank 0 of 1.
+            base = [f"workdir={tmp}", *args.overrides, "train.workers=1"]
             configs = {
                 name: load_config(None, [*base, f"perf.keep_freed_memory={str(kept).lower()}"])
                 for name, (_, kept) in VARIANTS.items()
             }
         except ConfigError as exc:
             parser.error(str(exc))
+        if configs["bare, kept"].model.conditional:
+            parser.error("model.conditional=true: the bare loop is unconditional")
         dataset = write_dataset(configs["bare, kept"], Path(tmp) / "dataset")
         results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
         for round_ in range(args.rounds):
@@ -101,9 +104,10 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                 )
-                if done.returncode != 0:
+                lines = done.stdout.strip().splitlines()
+                if done.returncode != 0 or not lines:
                     raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                figures = json.loads(lines[-1])
                 results[name].append(figures)
                 print(
                     f"round {round_}  {name:15s} {figures['ms']:6.2f} ms/step  "

@@ -134,7 +134,7 @@ def main() -> None:
         except ConfigError as exc:
             parser.error(str(exc))
         init_ray()
-        steps = config.train.steps
+        steps, world = config.train.steps, config.train.workers
         dataset = write_dataset(config, Path(tmp) / "dataset")
         authkey = secrets.token_bytes(16)
         with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
@@ -147,7 +147,7 @@ def main() -> None:
                 warmup=args.warmup,
                 storage=Path(tmp) / "bare",
             )
-            bare = accept_ranks(listener, args.workers)["process:bare"]
+            bare = accept_ranks(listener, world)["process:bare"]
             print(f"bare loop warmed up; load {loadavg()}", flush=True)
 
             warmed_up, finished = threading.Event(), threading.Event()
@@ -175,8 +175,8 @@ def main() -> None:
             pipeline.start()
             warmed_up.wait()
             workers = ray_train_workers()
-            if len(workers) != args.workers:
-                raise SystemExit(f"found {len(workers)} Ray Train workers, not {args.workers}")
+            if len(workers) != world:
+                raise SystemExit(f"found {len(workers)} Ray Train workers, not {world}")
             print(f"pipeline warmed up; turns begin; load {loadavg()}", flush=True)
 
             turns = Turns(workers)
@@ -219,7 +219,7 @@ def main() -> None:
         return ours, len(inside) * image_steps / sum(inside), len(inside)
 
     print()
-    print(f"{args.workers} worker(s), {len(blocks)} turns each, bare blocks of {args.block} steps")
+    print(f"{world} worker(s), {len(blocks)} turns each, bare blocks of {args.block} steps")
     parts = 4
     edges = [points[round(i * (len(points) - 1) / parts)] for i in range(parts + 1)]
     ratios = []

@@ -213,7 +213,8 @@ def parse_sides(text: str) -> tuple[str, str]:
                     "for both"
                 )
     if all(split_side(side)[0] == "ray" for side in sides):
-        # Two trainers would each hold --workers CPUs: on 2 cores the second would never start.
+        # Two trainers would each hold their side's workers' CPUs: on 2 cores the second would never
+        # start.
         raise ValueError("at most one side can be ray: compare it with a process side")
     return sides[0], sides[1]
 
