@@ -235,9 +235,10 @@ class PerfConfig:
         False,
     )
     keep_freed_memory: bool = doc(
-        "glibc only: fixed malloc thresholds in each training worker, so that memory freed in "
+        "glibc only: fixed malloc settings in each training worker, so that memory freed in "
         "one step is reused by the next instead of being handed back to the kernel and faulted "
-        "in again (gan.host_memory; up to 15 % of a CPU step on 2 cores, docs/benchmarks.md)",
+        "in again (gan.host_memory; 6 % of a 1-worker CPU step's images/s on 2 cores, "
+        "docs/benchmarks.md)",
         True,
     )
 
