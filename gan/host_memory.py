@@ -47,8 +47,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt answers 1 when it took the value.
-    return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
+    # Each is worth having alone, so all are tried; mallopt answers 1 when it took the value.
+    taken = [mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items()]
+    return all(taken)
 
 
 __all__ = ["SETTINGS", "keep_freed_memory"]
