@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -423,6 +424,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
         Path(f"{marker}.start").touch()
     gc_time = _GcTime()
     gc.callbacks.append(gc_time)
+    faults_started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started, cpu_started = time.perf_counter(), time.process_time()
     profile = job.get("profile")
     if profile and rank == 0:
@@ -441,6 +443,7 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
     barrier()
     elapsed = time.perf_counter() - started
     cpu_s = time.process_time() - cpu_started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_started
     gc.callbacks.remove(gc_time)
     if marker:
         Path(f"{marker}.end").touch()
@@ -449,6 +452,8 @@ def _timed_reference_loop(rank: int, world: int, job: dict[str, Any]) -> tuple[d
         "cpu_busy": cpu_s / elapsed,
         "elapsed_s": elapsed,
         "images_per_s": batch_size * job["steps"] / elapsed,
+        # malloc handing memory back and faulting it in again (perf.keep_freed_memory).
+        "minor_faults_per_step": faults / job["steps"],
         "load_start": load_start,
         "load_end": loadavg(),
         # Python's cyclic garbage collector: its pauses grow with every object the process

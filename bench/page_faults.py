@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from harness import loadavg, machine, median, reference_step, write_dataset
+from harness import (
+    _reference_job,
+    _timed_reference_loop,
+    loadavg,
+    machine,
+    median,
+    write_dataset,
+)
 
 from pipelines.config import ConfigError, load_config
 
@@ -44,16 +49,10 @@ def _child(job_file: str) -> None:  # pragma: no cover - a child process
 
     torch.set_num_threads(1)
     job = json.loads(Path(job_file).read_text())
-    step = reference_step(0, 1, job)  # reads perf.keep_freed_memory from job["config"]
-    for i in range(job["warmup"]):
-        step(i)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    started = time.perf_counter()
-    for i in range(job["warmup"], job["warmup"] + job["steps"]):
-        step(i)
-    seconds = time.perf_counter() - started
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    print(json.dumps({"ms": seconds / job["steps"] * 1e3, "faults": faults / job["steps"]}))
+    # reference_step, inside, reads perf.keep_freed_memory from job["config"].
+    result, _ = _timed_reference_loop(0, 1, job)
+    ms = 1e3 * result["elapsed_s"] / job["steps"]
+    print(json.dumps({"ms": ms, "faults": result["minor_faults_per_step"]}))
 
 
 def main() -> None:
@@ -89,14 +88,9 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = list(VARIANTS) if round_ % 2 == 0 else list(VARIANTS)[::-1]
             for name in order:
-                job = {
-                    "config": configs[name].to_dict(),
-                    "shards": dataset.shards,
-                    "shape": list(dataset.shape),
-                    "mode": VARIANTS[name][0],
-                    "warmup": args.warmup,
-                    "steps": args.steps,
-                }
+                job = _reference_job(
+                    configs[name], dataset, VARIANTS[name][0], args.steps, args.warmup
+                )
                 job_file = Path(tmp) / "job.json"
                 job_file.write_text(json.dumps(job))
                 done = subprocess.run(
