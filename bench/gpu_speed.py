@@ -33,7 +33,7 @@ import torch._inductor.config as inductor_config
 import torch.distributed as dist
 from harness import bare_step
 
-from gan.step import StepStats
+from gan.step_stats import StatsWindow
 from pipelines.config import Config, load_config
 from pipelines.loop import TrainingState, build_models
 
@@ -130,17 +130,23 @@ def ganpipe_loop(
         from pipelines.train import wrap_ddp
 
         generator, discriminator = wrap_ddp(generator), wrap_ddp(discriminator)
-    labels = torch.zeros(data.shape[0], dtype=torch.long)
     batch = config.train.batch_size
-    sums = torch.zeros(len(StepStats.FIGURES), device=device)
+    window = StatsWindow()
+    sums = torch.zeros(10, device=device)
 
     def step(i: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=state.rng)
-        real, real_labels = state.to_device(data[index], labels[index])
-        stats = state.step(real, i, generator, discriminator, real_labels)
-        sums.add_(stats.stacked())  # what pipelines/train.py adds per step
+        real, _ = state.to_device(data[index], None)
+        stats = state.step(real, i, generator, discriminator)
+        # The bookkeeping of pipelines/train.py; that of its time for an earlier gan/step.py
+        # (bench/step_ab.py --before), whose stats were summed step by step.
+        if hasattr(stats, "stacked"):
+            sums.add_(stats.stacked())
+        else:
+            window.add(stats)
         if (i + 1) % config.train.report_every == 0:
-            sums.cpu()
+            (window.means() if len(window) else sums).cpu()
+            window.clear()
             sums.zero_()
 
     return step

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,50 +18,8 @@ from gan.losses import (
     r1_from_logits,
 )
 from gan.nn.normalization import frozen_bn_stats, recompute_bn_statistics
+from gan.step_stats import StepStats
 from gan.transfer import to_device
-
-
-def _zero() -> torch.Tensor:
-    return torch.zeros(())
-
-
-@dataclass
-class StepStats:
-    """Detached per-iteration figures; the caller decides when to synchronize them to floats.
-
-    ``loss_d`` is the adversarial D loss without penalties; ``r1`` and ``gp`` are the unweighted
-    penalties (zero when unused). With ``d_steps > 1``, ``loss_d``, ``d_real``, ``d_fake`` and
-    ``gp`` are means over the D updates and ``r1`` the mean over those that applied it.
-    ``d_real``/``d_fake`` are the mean sigmoid of the logits, whatever the loss.
-    ``real_sign`` is the mean of sign(D(real)) over the (augmented) reals D saw, ADA's overfitting
-    signal (mean over the D updates); ``lecam`` and ``consistency`` are the unweighted
-    regularizers (zero when unused), means over the D updates. ``grad_norm_g``/``grad_norm_d``
-    are the L2 norms of all of G's / D's gradients before their optimizer steps (under DDP: of the
-    averaged gradients), D's the mean over its updates.
-    """
-
-    loss_d: torch.Tensor
-    loss_g: torch.Tensor
-    d_real: torch.Tensor
-    d_fake: torch.Tensor
-    r1: torch.Tensor = field(default_factory=_zero)
-    gp: torch.Tensor = field(default_factory=_zero)
-    real_sign: torch.Tensor = field(default_factory=_zero)
-    lecam: torch.Tensor = field(default_factory=_zero)
-    consistency: torch.Tensor = field(default_factory=_zero)
-    grad_norm_g: torch.Tensor = field(default_factory=_zero)
-    grad_norm_d: torch.Tensor = field(default_factory=_zero)
-
-    # The figures a training loop averages over its report window, in the order of stacked().
-    FIGURES = (
-        "loss_d", "loss_g", "d_real", "d_fake", "r1", "gp",
-        "lecam", "consistency", "grad_norm_g", "grad_norm_d",
-    )  # fmt: skip
-
-    def stacked(self) -> torch.Tensor:
-        """The :attr:`FIGURES` as one float32 tensor, to sum on the device without a sync."""
-        # One cast of the stack, not one per figure: every operator costs the host a dispatch.
-        return torch.stack([getattr(self, n) for n in self.FIGURES]).float()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -84,9 +41,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _mean(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+def _mean(values: list[torch.Tensor]) -> torch.Tensor | None:
+    """The mean of ``values`` (None if there are none), with no operator for a single one."""
     if not values:
-        return empty
+        return None
     if len(values) == 1:
         return values[0]
     return torch.stack(values).mean()
@@ -215,8 +173,8 @@ def train_step(
     d_inner = discriminator_inner if discriminator_inner is not None else discriminator
     batch = real.shape[0]
 
-    losses_d, d_reals, d_fakes, r1s, gps = [], [], [], [], []
-    signs, lecams, consistencies, grad_norms_d = [], [], [], []
+    losses_d, real_logits_seen, fake_logits_seen, r1s, gps = [], [], [], [], []
+    lecams, consistencies, grad_norms_d = [], [], []
     for i in range(d_steps):
         z = _noise(batch, latent_dim, rng, real.device)
         y_fake = fake_labels()
@@ -258,13 +216,12 @@ def train_step(
             consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
         total.backward()
-        grad_norms_d.append(_grad_norm(d_inner))
+        grad_norms_d.extend(_grad_norms(d_inner))
         opt_d.step()
+        # Kept as they are; the report window derives its figures from them (gan.step_stats).
         losses_d.append(loss_d.detach())
-        with torch.no_grad():
-            d_reals.append(torch.sigmoid(real_logits).mean())
-            d_fakes.append(torch.sigmoid(fake_logits).mean())
-            signs.append(torch.sign(real_logits).mean())
+        real_logits_seen.append(real_logits.detach())
+        fake_logits_seen.append(fake_logits.detach())
 
     set_requires_grad(d_inner, False)
     try:
@@ -275,7 +232,7 @@ def train_step(
         loss_g = g_loss_fn(forward(d_inner, view(fake_for_g), y_fake_for_g))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        grad_norm_g = _grad_norm(g_inner)
+        grad_norms_g = _grad_norms(g_inner)
         opt_g.step()
     finally:
         set_requires_grad(d_inner, True)
@@ -283,34 +240,37 @@ def train_step(
     if ema is not None:
         ema.update(g_inner, step)
 
-    zero = torch.zeros((), device=real.device)
     return StepStats(
-        loss_d=_mean(losses_d, zero),
+        loss_d=_mean(losses_d),
         loss_g=loss_g.detach(),
-        d_real=_mean(d_reals, zero),
-        d_fake=_mean(d_fakes, zero),
-        r1=_mean(r1s, zero),
-        gp=_mean(gps, zero),
-        real_sign=_mean(signs, zero),
-        lecam=_mean(lecams, zero),
-        consistency=_mean(consistencies, zero),
-        grad_norm_g=grad_norm_g,
-        grad_norm_d=_mean(grad_norms_d, zero),
+        real_logits=_concatenated(real_logits_seen),
+        fake_logits=_concatenated(fake_logits_seen),
+        grad_norms_d=tuple(grad_norms_d),
+        grad_norms_g=grad_norms_g,
+        d_updates=d_steps,
+        r1=_mean(r1s),
+        gp=_mean(gps),
+        lecam=_mean(lecams),
+        consistency=_mean(consistencies),
     )
 
 
-def _grad_norm(module: nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients of ``module`` (zero when it has none).
+def _concatenated(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
-    One multi-tensor kernel for the parameters' norms (``torch._foreach_norm``, what
-    ``torch.nn.utils.clip_grad_norm_`` uses), not one operator per parameter: a small model on a
-    fast GPU is bound by the operators the host dispatches.
+
+def _grad_norms(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The L2 norm of each gradient of ``module`` (none when it has no gradients).
+
+    One multi-tensor kernel (``torch._foreach_norm``, what ``torch.nn.utils.clip_grad_norm_``
+    uses), not one operator per parameter: a small model on a fast GPU is bound by the operators
+    the host dispatches. The total norm is left to the report window (gan.step_stats).
     """
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return ()
     with torch.no_grad():
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return tuple(torch._foreach_norm(grads))
 
 
 __all__ = ["StepStats", "recompute_bn_statistics", "set_requires_grad", "train_step"]

@@ -14,6 +14,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     pinned memory, the copy is queued like a kernel instead; torch's caching host allocator keeps
     the pinned block until the copy has run, so the source may be dropped at once.
     """
+    if tensor.device == device:  # no operator for nothing: the step is bound by their number
+        return tensor
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -196,11 +196,12 @@ class TrainingState:
         return stats
 
     def to_device(
-        self, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, images: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A host batch on this state's device, in the networks' memory layout
-        (``perf.pin_memory``, ``perf.channels_last``)."""
-        return self.transfer.images(images), self.transfer.labels(labels)
+        (``perf.pin_memory``, ``perf.channels_last``); no labels stay none."""
+        on_device = None if labels is None else self.transfer.labels(labels)
+        return self.transfer.images(images), on_device
 
     def _maybe_compiled(self, module: nn.Module) -> nn.Module:
         """``module`` under ``torch.compile`` when ``perf.compile`` is on, compiled once. The
@@ -224,7 +225,7 @@ class TrainingState:
         if self.ada is None:
             return
         interval = self.config.augment.interval
-        self._real_sign_window += stats.real_sign.detach()
+        self._real_sign_window += stats.real_sign
         if (step + 1) % interval == 0:
             signal = average(self._real_sign_window / interval)
             images = self.config.train.batch_size * interval

@@ -36,7 +36,7 @@ from gan.data.shards import concat, read_shard
 from gan.host_memory import keep_freed_memory
 from gan.monitor import DistanceProbe
 from gan.nn.stats_exchange import all_reduce_sum, ddp_comm_hook, exchange
-from gan.step import StepStats
+from gan.step_stats import FIGURES, StatsWindow
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
 from pipelines.divergence import DivergenceGuard, TrainingDiverged
@@ -273,22 +273,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Test-only faults (pipelines/faults.py), off unless their variables are set.
     inject_nan, inject_crash = NanInjector(), CrashInjector()
     loss = config.loss
-    # Summed on the device and read once per report: a .cpu() per step would make the host
-    # wait for every GPU step to finish before queueing the next one.
-    sums = torch.zeros(len(StepStats.FIGURES), device=device)
-    window_start, window_steps = time.perf_counter(), 0
+    # The steps' figures stay on the device and are derived once per window: a .cpu() per step
+    # would make the host wait for every GPU step to finish before queueing the next one.
+    window = StatsWindow()
+    window_start = time.perf_counter()
     handed_over_at = -float("inf")  # rank 0's clock: the first window goes at once
     next_step = start
     while next_step < t.steps:
         step, next_step = next_step, next_step + 1
         index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
-        real, real_labels = state.to_device(data[index], labels[index])
+        # An unconditional model takes no labels: no operator to pick them.
+        real_labels = labels[index] if state.num_classes else None
+        real, real_labels = state.to_device(data[index], real_labels)
         stats = state.step(real, step, generator, discriminator, real_labels)
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         inject_nan.after_step(step, state)
         inject_crash.after_step(step)
-        sums += stats.stacked()
-        window_steps += 1
+        window.add(stats)
         done = step + 1
         if done % t.report_every and done != t.steps:
             continue
@@ -296,13 +297,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # worker), its vote riding in the all-reduce of the window's figures: world or 0.
         due = rank == 0 and time.perf_counter() - handed_over_at >= t.report_seconds
         vote = torch.tensor([float(world) if due else 0.0], device=device)
-        reduced = _mean_across_workers(torch.cat([sums / window_steps, vote])).cpu()
+        reduced = _mean_across_workers(torch.cat([window.means(), vote])).cpu()
         means, hand_over_now = reduced[:-1], bool(reduced[-1] > 0.5)
         if not guard.healthy(means, _mean_across_workers):
             if pending:  # the windows before this one were healthy: the driver logs them
                 hand_over()
-            sums.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            window.clear()
+            window_start = time.perf_counter()
             try:
                 next_step = guard.roll_back(done)
             except TrainingDiverged as exc:
@@ -321,7 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         elapsed = time.perf_counter() - window_start
         augment, ada = state.augment, state.ada
-        mean = dict(zip(StepStats.FIGURES, means.tolist(), strict=True))
+        mean = dict(zip(FIGURES, means.tolist(), strict=True))
         metrics = {
             "step": done,
             **{name: mean[name] for name in ("loss_d", "loss_g", "d_real", "d_fake")},
@@ -334,14 +335,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **({"augment_p": augment.p} if augment is not None else {}),
             **({"ada_signal": ada.signal} if ada is not None and ada.signal is not None else {}),
             **state.rates(),
-            "images_per_s": t.batch_size * window_steps / max(elapsed, 1e-9),
+            "images_per_s": t.batch_size * len(window) / max(elapsed, 1e-9),
             WINDOW_TIME: time.time(),
         }
         report(done, metrics, hand_over_now)
         if not pending:
             handed_over_at = time.perf_counter()
-        sums.zero_()
-        window_start, window_steps = time.perf_counter(), 0
+        window.clear()
+        window_start = time.perf_counter()
     guard.close()
 
 
