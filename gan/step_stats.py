@@ -76,12 +76,12 @@ class StepStats:
     @property
     def grad_norm_d(self) -> torch.Tensor:
         """L2 norm of all of D's gradients, the mean over its updates (zero without any)."""
-        return _mean_total_norm([self.grad_norms_d], self.d_updates, self.loss_d)
+        return _mean_total_norm([(self.grad_norms_d, self.d_updates)], self.loss_d)
 
     @property
     def grad_norm_g(self) -> torch.Tensor:
         """L2 norm of all of G's gradients (zero without any)."""
-        return _mean_total_norm([self.grad_norms_g], 1, self.loss_g)
+        return _mean_total_norm([(self.grad_norms_g, 1)], self.loss_g)
 
 
 class StatsWindow:
@@ -116,10 +116,8 @@ class StatsWindow:
             "loss_g": torch.stack([s.loss_g for s in steps]).mean(),
             "d_real": _mean_per_step(_stacked([s.real_logits for s in steps]), torch.sigmoid),
             "d_fake": _mean_per_step(_stacked([s.fake_logits for s in steps]), torch.sigmoid),
-            "grad_norm_g": _mean_total_norm([s.grad_norms_g for s in steps], 1, like),
-            "grad_norm_d": _mean_total_norm(
-                [s.grad_norms_d for s in steps], steps[0].d_updates, like
-            ),
+            "grad_norm_g": _mean_total_norm([(s.grad_norms_g, 1) for s in steps], like),
+            "grad_norm_d": _mean_total_norm([(s.grad_norms_d, s.d_updates) for s in steps], like),
         }
         for name in PENALTIES:
             applied = [v for v in (getattr(s, name) for s in steps) if v is not None]
@@ -146,22 +144,24 @@ def _mean_per_step(
 
 
 def _mean_total_norm(
-    per_step: list[tuple[torch.Tensor, ...]], updates: int, like: torch.Tensor
+    per_step: list[tuple[tuple[torch.Tensor, ...], int]], like: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over steps and their updates of the L2 norm of all gradients of an update, from
-    each step's per-parameter norms (``updates`` updates one after the other)."""
-    counts = {len(norms) for norms in per_step}
-    if counts == {0}:
+    """Mean over steps of the mean over a step's updates of the L2 norm of all gradients of an
+    update, from each step's per-parameter norms and its number of updates (the updates' norms
+    one after the other); zero for a step without gradients."""
+    if not any(norms for norms, _ in per_step):
         return torch.zeros_like(like)
-    if len(counts) == 1 and all(s % updates == 0 for s in counts):
-        flat = [n for norms in per_step for n in norms]
+    if (
+        len({(len(norms), updates) for norms, updates in per_step}) == 1
+    ):  # the same parameters and updates every step: one norm per row
+        updates = per_step[0][1]
+        flat = [n for norms, _ in per_step for n in norms]
         rows = torch.stack(flat).view(len(per_step) * updates, -1)
         return torch.linalg.vector_norm(rows, dim=1).mean()
-    # Steps whose parameters differ in which had a gradient: one total per step.
     totals = [
         torch.linalg.vector_norm(torch.stack(norms).view(updates, -1), dim=1).mean()
         if norms
         else torch.zeros_like(like)
-        for norms in per_step
+        for norms, updates in per_step
     ]
     return torch.stack(totals).mean()

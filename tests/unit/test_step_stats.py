@@ -118,6 +118,24 @@ def test_steps_whose_parameters_with_gradients_differ_each_count_their_own_total
     figures = dict(zip(FIGURES, window.means().tolist(), strict=True))
     assert figures["grad_norm_g"] == pytest.approx(expected, rel=1e-6)
 
+    # As many norms in both steps, but of one update of 4 parameters and two of 2 (norms 5, 1).
+    mixed = StatsWindow()
+    mixed.add(dataclasses.replace(_stats(2), grad_norms_d=three_parameters + (torch.tensor(12.0),)))
+    mixed.add(
+        dataclasses.replace(
+            _stats(3),
+            grad_norms_d=(
+                torch.tensor(3.0),
+                torch.tensor(4.0),
+                torch.tensor(0.0),
+                torch.tensor(1.0),
+            ),
+            d_updates=2,
+        )
+    )
+    figures = dict(zip(FIGURES, mixed.means().tolist(), strict=True))
+    assert figures["grad_norm_d"] == pytest.approx((13.0 + 3.0) / 2)
+
 
 def test_an_empty_window_refuses_to_average_and_clear_empties_it():
     window = StatsWindow()
