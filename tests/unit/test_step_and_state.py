@@ -976,6 +976,20 @@ def test_gradient_norms_are_those_of_the_gradients_each_optimizer_stepped_with()
     assert stats.grad_norm_g.item() > 0 and stats.grad_norm_d.item() > 0
 
 
+def test_a_discriminator_parameter_frozen_by_the_user_stays_frozen():
+    g, d = _models(33)
+    frozen = d.net[0].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    opt_d = _adam(d)
+    train_step(
+        generator=g, discriminator=d, opt_g=_adam(g), opt_d=opt_d, real=_real(),
+        latent_dim=LATENT, rng=torch.Generator().manual_seed(4),
+    )  # fmt: skip
+    assert not frozen.requires_grad and torch.equal(frozen, before)
+    assert all(p.requires_grad for p in d.parameters() if p is not frozen)
+
+
 def test_extra_state_round_trips_and_missing_extras_keep_their_own(tmp_path):
     from gan.augment import AdaptiveAugment
     from gan.losses import LeCamAnchors
