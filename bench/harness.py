@@ -355,7 +355,8 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
 
         def step(i: int) -> None:
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
-            state.step(data[index], i, g_run, d_run, labels[index])
+            real_labels = labels[index] if state.num_classes else None  # as pipelines/train.py
+            state.step(data[index], i, g_run, d_run, real_labels)
 
     else:
         if config.model.conditional:
