@@ -33,7 +33,7 @@ import torch._inductor.config as inductor_config
 import torch.distributed as dist
 from harness import bare_step
 
-from gan.step_stats import StatsWindow
+from gan.step_stats import FIGURES, StatsWindow
 from pipelines.config import Config, load_config
 from pipelines.loop import TrainingState, build_models
 
@@ -131,15 +131,17 @@ def ganpipe_loop(
 
         generator, discriminator = wrap_ddp(generator), wrap_ddp(discriminator)
     batch = config.train.batch_size
+    labels = torch.zeros(data.shape[0], dtype=torch.long)  # one class: the data has none here
     window = StatsWindow()
-    sums = torch.zeros(10, device=device)
+    sums = torch.zeros(len(FIGURES), device=device)
 
     def step(i: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=state.rng)
-        real, _ = state.to_device(data[index], None)
-        stats = state.step(real, i, generator, discriminator)
-        # The bookkeeping of pipelines/train.py; that of its time for an earlier gan/step.py
-        # (bench/step_ab.py --before), whose stats were summed step by step.
+        picked = labels[index] if state.num_classes else None  # as pipelines/train.py
+        real, real_labels = state.to_device(data[index], picked)
+        stats = state.step(real, i, generator, discriminator, real_labels)
+        # The bookkeeping of pipelines/train.py, or of its time for a gan/step.py from before
+        # ec066db (bench/step_ab.py --before), whose StepStats were summed step by step.
         if hasattr(stats, "stacked"):
             sums.add_(stats.stacked())
         else:

@@ -43,17 +43,19 @@ TINY = [
 
 
 def microseconds_per_step(step: Callable[[int], None], first: int, steps: int) -> float:
+    """Of steps ``first`` to ``first + steps - 1``: schedules and lazy penalties see a run's
+    indices."""
     started = time.perf_counter()
     for i in range(first, first + steps):
         step(i)
     return (time.perf_counter() - started) / steps * 1e6
 
 
-def own_times(step: Callable[[int], None], steps: int) -> dict[str, float]:
-    """Seconds of own time by function over ``steps`` profiled steps."""
+def own_times(step: Callable[[int], None], first: int, steps: int) -> dict[str, float]:
+    """Seconds of own time by function over ``steps`` profiled steps from ``first`` on."""
     profile = cProfile.Profile()
     profile.enable()
-    for i in range(steps):
+    for i in range(first, first + steps):
         step(i)
     profile.disable()
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
@@ -76,12 +78,14 @@ def main() -> None:
     steps = {mode: reference_step(0, 1, {**job, "mode": mode}) for mode in ("state", "bare")}
     for step in steps.values():
         microseconds_per_step(step, 0, args.warmup)
+    done = args.warmup
 
     times: dict[str, list[float]] = {mode: [] for mode in steps}
     for index in range(args.pairs):
         order = ("state", "bare") if index % 2 else ("bare", "state")
         for mode in order:
-            times[mode].append(microseconds_per_step(steps[mode], 0, args.block))
+            times[mode].append(microseconds_per_step(steps[mode], done, args.block))
+        done += args.block
     for mode, values in times.items():
         median = statistics.median(values)
         print(f"{mode:6s} {median:7.1f} µs per step (median of {args.pairs} blocks)")
@@ -94,7 +98,7 @@ def main() -> None:
 
     if args.profile:
         profiled = args.block * 10
-        state, bare = (own_times(steps[mode], profiled) for mode in ("state", "bare"))
+        state, bare = (own_times(steps[mode], done, profiled) for mode in ("state", "bare"))
         differences = {name: state.get(name, 0.0) - bare.get(name, 0.0) for name in state | bare}
         print(f"\nown time, µs per step under cProfile, state - bare ({profiled} steps each):")
         for name, seconds in sorted(differences.items(), key=lambda kv: -abs(kv[1]))[:15]:

@@ -86,6 +86,10 @@ def train_step(
     and the G phase calls the inner D with its parameters frozen, so DDP never waits for D
     gradients that a G update does not produce.
 
+    Returns the iteration's :class:`gan.step_stats.StepStats`. Its gradient norms are those of
+    the parameters in ``opt_d``'s and ``opt_g``'s groups: the gradients each optimizer stepped
+    with (all of D's and G's parameters, as the pipeline builds them).
+
     Options (the defaults reproduce the plain non-saturating DCGAN step exactly):
 
     * ``loss``: one of :data:`gan.losses.LOSSES`.
@@ -216,7 +220,7 @@ def train_step(
             consistencies.append(consistency.detach())
         opt_d.zero_grad(set_to_none=True)
         total.backward()
-        grad_norms_d.extend(_grad_norms(opt_d))
+        grad_norms_d.append(_grad_norms(opt_d))
         opt_d.step()
         # Kept as they are; the report window derives its figures from them (gan.step_stats).
         losses_d.append(loss_d.detach())
@@ -251,7 +255,6 @@ def train_step(
         fake_logits=_concatenated(fake_logits_seen),
         grad_norms_d=tuple(grad_norms_d),
         grad_norms_g=grad_norms_g,
-        d_updates=d_steps,
         r1=_mean(r1s),
         gp=_mean(gps),
         lecam=_mean(lecams),

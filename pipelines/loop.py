@@ -209,6 +209,9 @@ class TrainingState:
         plain modules, whose state_dict keys carry no ``_orig_mod.`` prefix."""
         if not self.config.perf.compile:
             return module
+        # Default mode: every call returns fresh outputs. The report window keeps each step's
+        # logits until it ends (gan.step_stats), so a mode that reuses output buffers (CUDA
+        # graphs, "reduce-overhead") would need them cloned.
         if id(module) not in self._compiled:
             self._compiled[id(module)] = torch.compile(module)
         return self._compiled[id(module)]
