@@ -20,8 +20,10 @@ convolution's forward and backward before every forward and every backward. Vari
   (it skips the counts, the combination across ranks and the float64 sums): a floor, not a
   candidate.
 
-Prints the median forward and backward of each variant, and the step's share: the sum over the
-generator's two layers of forward and backward, against ``batch``.
+Prints the median forward and backward of each variant and its operators (``aten::`` operators
+of one forward and backward, as bench/step_ops.py counts them), and the step's share: the sum
+over the generator's two layers of forward and backward, against ``batch``. The variants take
+turns in an order that rotates every call.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from harness import loadavg, machine
 from syncbn_ab import _no_exchange, module_from_source, sources_at
+from torch.profiler import ProfilerActivity, profile
 
 from gan.nn import sync_batchnorm
 
@@ -137,8 +140,13 @@ def time_layer(
     running_mean, running_var = torch.zeros(channels), torch.ones(channels)
     timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in chosen}
     warmup = max(calls // 10, 5)
+    names = list(chosen)
     for call in range(warmup + calls):
-        for name, layer in chosen.items():
+        # The order turns every call: a variant always timed right after the same one measured
+        # up to a fifth slower than the same code in another place (thirteenth session).
+        shift = call % len(names)
+        for name in names[shift:] + names[:shift]:
+            layer = chosen[name]
             conv(conv_input).sum().backward()
             started = time.perf_counter()
             out = layer(x, weight, bias, running_mean, running_var)
@@ -151,6 +159,26 @@ def time_layer(
                 timings[name][0].append(forward)
                 timings[name][1].append(backward)
     return {n: (statistics.median(f), statistics.median(b)) for n, (f, b) in timings.items()}
+
+
+def operators(layer: Callable[..., torch.Tensor], shape: tuple[int, ...]) -> int:
+    """``aten::`` operators of one forward and backward that no other ``aten::`` operator called
+    (bench/step_ops.py's count), the backward's seed included."""
+    channels = shape[1]
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.ones(channels, requires_grad=True)
+    bias = torch.zeros(channels, requires_grad=True)
+    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    grad = torch.randn(shape)
+    layer(x, weight, bias, running_mean, running_var).backward(grad)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(x, weight, bias, running_mean, running_var).backward(grad)
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::")
+        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    )
 
 
 def main() -> None:
@@ -167,10 +195,11 @@ def main() -> None:
     per_step = dict.fromkeys(chosen, 0.0)
     for shape in SHAPES:
         medians = time_layer(shape, chosen, args.calls)
-        print(f"\n{'x'.join(map(str, shape))}: median µs forward / backward")
+        print(f"\n{'x'.join(map(str, shape))}: median µs forward / backward, operators")
         for name, (forward, backward) in medians.items():
             per_step[name] += forward + backward
-            print(f"  {name:8s} {forward * 1e6:7.1f} / {backward * 1e6:7.1f}")
+            count = operators(chosen[name], shape)
+            print(f"  {name:8s} {forward * 1e6:7.1f} / {backward * 1e6:7.1f}   {count:3d}")
     print("\nboth layers, forward and backward (a step's worth), against batch:")
     for name, seconds in per_step.items():
         extra = (seconds - per_step["batch"]) * 1e3
