@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from gan.data import ImageSet, read_source
 from gan.data.arrays import to_model_range
@@ -268,6 +270,25 @@ def bare_step(
     loss_g.backward()
     opt_g.step()
     d.requires_grad_(True)
+
+
+def dispatched_ops(step: Callable[[int], None], warmup: int, steps: int) -> Counter[str]:
+    """``aten::`` operators per step that no other ``aten::`` operator called, by name."""
+    for i in range(warmup):
+        step(i)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(warmup + i)
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] += 1
+    return Counter({name: n / steps for name, n in counts.items()})
 
 
 def _count_all_reduces() -> dict[str, int]:

@@ -18,31 +18,10 @@ The loops are bench/gpu_speed.py's: ``bare`` (gpu_speed.bare_loop) and ``ganpipe
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-from collections.abc import Callable
 
 import torch
 from gpu_speed import MODELS, _config, bare_loop, ganpipe_loop, host_data
-from torch.profiler import ProfilerActivity, profile
-
-
-def dispatched_ops(step: Callable[[int], None], warmup: int, steps: int) -> Counter[str]:
-    """``aten::`` operators per step that no other ``aten::`` operator called, by name."""
-    for i in range(warmup):
-        step(i)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(steps):
-            step(warmup + i)
-    counts: Counter[str] = Counter()
-    for event in prof.events():
-        if not event.name.startswith("aten::"):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if parent is None:
-            counts[event.name] += 1
-    return Counter({name: n / steps for name, n in counts.items()})
+from harness import dispatched_ops
 
 
 def main() -> None:

@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import loadavg, machine
+from harness import dispatched_ops, loadavg, machine
 from syncbn_ab import _no_exchange, module_from_source, sources_at
-from torch.profiler import ProfilerActivity, profile
 
 from gan.nn import sync_batchnorm
 
@@ -163,22 +162,17 @@ def time_layer(
 
 def operators(layer: Callable[..., torch.Tensor], shape: tuple[int, ...]) -> int:
     """``aten::`` operators of one forward and backward that no other ``aten::`` operator called
-    (bench/step_ops.py's count), the backward's seed included."""
+    (harness.dispatched_ops, bench/step_ops.py's count), the backward's seed included."""
     channels = shape[1]
     x = torch.randn(shape, requires_grad=True)
     weight = torch.ones(channels, requires_grad=True)
     bias = torch.zeros(channels, requires_grad=True)
     running_mean, running_var = torch.zeros(channels), torch.ones(channels)
     grad = torch.randn(shape)
-    layer(x, weight, bias, running_mean, running_var).backward(grad)  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        layer(x, weight, bias, running_mean, running_var).backward(grad)
-    return sum(
-        1
-        for event in prof.events()
-        if event.name.startswith("aten::")
-        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    counts = dispatched_ops(
+        lambda _: layer(x, weight, bias, running_mean, running_var).backward(grad), 1, 1
     )
+    return round(sum(counts.values()))
 
 
 def main() -> None:
