@@ -137,8 +137,7 @@ def ganpipe_loop(
 
     def step(i: int) -> None:
         index = torch.randint(0, data.shape[0], (batch,), generator=state.rng)
-        picked = labels[index] if state.num_classes else None  # as pipelines/train.py
-        real, real_labels = state.to_device(data[index], picked)
+        real, real_labels = state.batch(data, labels, index)
         stats = state.step(real, i, generator, discriminator, real_labels)
         # The bookkeeping of pipelines/train.py, or of its time for a gan/step.py from before
         # ec066db (bench/step_ab.py --before), whose StepStats were summed step by step.

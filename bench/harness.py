@@ -376,8 +376,8 @@ def reference_step(rank: int, world: int, job: dict[str, Any]) -> Callable[[int]
 
         def step(i: int) -> None:
             index = torch.randint(0, data.shape[0], (local_batch,), generator=rng)
-            real_labels = labels[index] if state.num_classes else None  # as pipelines/train.py
-            state.step(data[index], i, g_run, d_run, real_labels)
+            real, real_labels = state.batch(data, labels, index)  # as pipelines/train.py
+            state.step(real, i, g_run, d_run, real_labels)
 
     else:
         if config.model.conditional:

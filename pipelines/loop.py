@@ -195,13 +195,14 @@ class TrainingState:
         self.sched_d.step()
         return stats
 
-    def to_device(
-        self, images: torch.Tensor, labels: torch.Tensor | None
+    def batch(
+        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A host batch on this state's device, in the networks' memory layout
-        (``perf.pin_memory``, ``perf.channels_last``); no labels stay none."""
-        on_device = None if labels is None else self.transfer.labels(labels)
-        return self.transfer.images(images), on_device
+        """The rows ``index`` of host ``images`` on this state's device, in the networks' memory
+        layout (``perf.pin_memory``, ``perf.channels_last``), with their ``labels`` for a
+        class-conditional model; None otherwise, with no operator to pick them."""
+        picked = self.transfer.labels(labels[index]) if self.num_classes else None
+        return self.transfer.images(images[index]), picked
 
     def _maybe_compiled(self, module: nn.Module) -> nn.Module:
         """``module`` under ``torch.compile`` when ``perf.compile`` is on, compiled once. The

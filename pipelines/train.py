@@ -282,9 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while next_step < t.steps:
         step, next_step = next_step, next_step + 1
         index = torch.randint(0, data.shape[0], (local_batch,), generator=state.rng)
-        # An unconditional model takes no labels: no operator to pick them.
-        real_labels = labels[index] if state.num_classes else None
-        real, real_labels = state.to_device(data[index], real_labels)
+        real, real_labels = state.batch(data, labels, index)
         stats = state.step(real, step, generator, discriminator, real_labels)
         state.adapt_augmentation(stats, step, average=_mean_across_workers)
         inject_nan.after_step(step, state)

@@ -38,7 +38,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 def _train(state: TrainingState, steps: int) -> list[float]:
     losses = []
     for step in range(steps):
-        real, labels = state.to_device(*_batch())
+        real, labels = state.batch(*_batch(), torch.arange(BATCH))
         stats = state.step(real, step, labels=labels)
         losses.append(float(stats.loss_d))
     return losses
@@ -92,7 +92,7 @@ def test_channels_last_changes_the_layout_not_the_result() -> None:
     nhwc = _state("perf.channels_last=true")
     conv = next(m for m in nhwc.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    real, _ = nhwc.to_device(*_batch())
+    real, _ = nhwc.batch(*_batch(), torch.arange(BATCH))
     assert real.is_contiguous(memory_format=torch.channels_last)
     plain = _state()
     assert _train(nhwc, 3) == pytest.approx(_train(plain, 3), abs=1e-5)
@@ -125,3 +125,15 @@ def test_make_optimizer_refuses_fused_sgd() -> None:
 def test_pinned_copies_need_a_gpu() -> None:
     with pytest.raises(ValueError, match="not to cpu"):
         HostToDevice(torch.device("cpu"), pin_memory=True)
+
+
+def test_a_batch_carries_labels_only_for_a_class_conditional_model() -> None:
+    images = torch.rand(20, 1, SIDE, SIDE)
+    labels = torch.arange(20) % 10
+    index = torch.tensor([3, 14, 7])
+    config = load_config("smoke", ["train.workers=1", "model.conditional=true"])
+    conditional = TrainingState(config, channels=1, device=torch.device("cpu"), num_classes=10)
+    real, picked = conditional.batch(images, labels, index)
+    assert torch.equal(real, images[index]) and torch.equal(picked, labels[index])
+    real, picked = _state().batch(images, labels, index)
+    assert torch.equal(real, images[index]) and picked is None
