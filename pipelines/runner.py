@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gan.nn.batchnorm_kernels import CACHE_ENV, KERNELS_ENV
 from gan.nn.stats_exchange import EXCHANGE_ENV
 from pipelines import storage
 from pipelines.config import Config, config_from_dict
@@ -127,11 +128,12 @@ RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 def ray_train_environment() -> dict[str, str]:
     """The Ray Train settings above, and the ganpipe switches set in this process (where sync
-    batch norm's statistics and, on CPU, DDP's gradients are summed) for the workers to see
-    them too."""
+    batch norm's statistics and, on CPU, DDP's gradients are summed; which of its CPU paths
+    runs; where its compiled passes are cached) for the workers to see them too."""
     settings = {name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENVIRONMENT.items()}
-    if EXCHANGE_ENV in os.environ:
-        settings[EXCHANGE_ENV] = os.environ[EXCHANGE_ENV]
+    for name in (EXCHANGE_ENV, KERNELS_ENV, CACHE_ENV):
+        if name in os.environ:
+            settings[name] = os.environ[name]
     return settings
 
 

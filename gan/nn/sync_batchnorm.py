@@ -6,8 +6,10 @@ result depends on how the batch happens to be split across workers. :class:`Sync
 torch's parameters, buffers, ``state_dict`` keys and ``process_group`` argument, delegates to
 torch on CUDA (NCCL, fused kernels), and on CPU runs its own exact global batch norm with one
 all-reduce in the forward pass and one in the backward pass (gan.nn.stats_exchange: direct TCP
-connections between the ranks, far faster than gloo for these few hundred numbers). It is
-accepted by ``DistributedDataParallel`` on CPU, which rejects torch's class there.
+connections between the ranks, far faster than gloo for these few hundred numbers). Its CPU
+arithmetic runs in gan.nn.batchnorm_kernels' compiled passes where the system's C compiler
+builds them, and in torch operators otherwise. It is accepted by ``DistributedDataParallel`` on
+CPU, which rejects torch's class there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gan.nn.batchnorm_kernels import Kernels, kernels
 from gan.nn.stats_exchange import all_reduce_sum
 
 __all__ = ["SyncBatchNorm", "convert_to_sync_batchnorm"]
@@ -158,15 +161,86 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _synchronized_batch_norm(*args: Any) -> Tensor:
-    """``_CpuSyncBatchNormFn.apply``, outside any ``torch.compile`` graph: a compiled model runs
-    the layers around it compiled and this one as it is (sockets and in-place buffer updates
-    cannot be traced)."""
+class _CompiledSyncBatchNormFn(torch.autograd.Function):
+    """:class:`_CpuSyncBatchNormFn`'s arithmetic in gan.nn.batchnorm_kernels' compiled passes:
+    two calls a direction around the same exchanges, where the torch path makes about fifty
+    small operators. Takes what :meth:`Kernels.supports` accepts (float32 or float64, one
+    dtype, contiguous); the same messages, so the same sums on every rank."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        momentum: float,
+        process_group: Any,
+        passes: Kernels,
+    ) -> Tensor:
+        sums = passes.local_sums(input)
+        all_reduce_sum(sums, process_group)
+        count, stats = passes.finish_stats(sums, eps, momentum, running_mean, running_var, input)
+        if count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got a global batch of "
+                f"{int(count)} value(s) per channel across all ranks"
+            )
+        ctx.save_for_backward(input, weight, stats)
+        ctx.count = count
+        ctx.has_bias = bias is not None
+        ctx.process_group = process_group
+        ctx.passes = passes
+        return passes.normalize(input, stats, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        input, weight, stats = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        passes: Kernels = ctx.passes
+        grad_output = grad_output.contiguous()
+        sums, grad_weight, grad_bias = passes.backward_sums(
+            grad_output,
+            input,
+            stats,
+            need_weight and weight is not None,
+            need_bias and ctx.has_bias,
+        )
+        grad_input = None
+        if need_input:
+            all_reduce_sum(sums, ctx.process_group)
+            grad_input = passes.backward_input(grad_output, input, stats, weight, sums, ctx.count)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _synchronized_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+    momentum: float,
+    process_group: Any,
+) -> Tensor:
+    """Global batch norm of CPU ``input``: the compiled passes where they take it (see
+    gan.nn.batchnorm_kernels), else the torch path; outside any ``torch.compile`` graph either
+    way, so that a compiled model runs the layers around it compiled and this one as it is
+    (sockets and in-place buffer updates cannot be traced)."""
+    args: tuple[Any, ...] = (input, weight, bias, running_mean, running_var, eps, momentum)
+    passes = kernels()
+    if passes is not None and passes.supports(input, weight, bias, running_mean, running_var):
+        function: Any = _CompiledSyncBatchNormFn
+        args += (process_group, passes)
+    else:
+        function, args = _CpuSyncBatchNormFn, (*args, process_group)
     if torch.compiler.is_compiling():
         # Not a decorator: torch.compiler.disable imports torch._dynamo, which would add a
         # second of start-up to every process that imports the models.
-        return torch.compiler.disable(_CpuSyncBatchNormFn.apply)(*args)
-    return _CpuSyncBatchNormFn.apply(*args)
+        return torch.compiler.disable(function.apply)(*args)
+    return function.apply(*args)
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -20,6 +20,7 @@ from spawned_ranks import run_ranks
 from torch import nn
 
 from gan.nn import sync_batchnorm
+from gan.nn.batchnorm_kernels import KERNELS_ENV, Kernels
 from gan.nn.stats_exchange import EXCHANGE_ENV, EXCHANGES
 from gan.nn.sync_batchnorm import SyncBatchNorm, convert_to_sync_batchnorm
 
@@ -177,8 +178,16 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         process_group_calls.append(f"{tuple(tensor.shape)}")
         return real_all_reduce(tensor, *args, **kwargs)
 
+    compiled_forwards: list[str] = []
+    real_local_sums = Kernels.local_sums
+
+    def counting_local_sums(self: Kernels, x: torch.Tensor) -> torch.Tensor:
+        compiled_forwards.append(f"{tuple(x.shape)}")
+        return real_local_sums(self, x)
+
     sync_batchnorm.all_reduce_sum = counting_exchange
     dist.all_reduce = counting_all_reduce
+    Kernels.local_sums = counting_local_sums  # type: ignore[method-assign]
     try:
         if spec.get("eval"):
             module.eval()
@@ -189,16 +198,19 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
     finally:
         sync_batchnorm.all_reduce_sum = real_exchange
         dist.all_reduce = real_all_reduce
+        Kernels.local_sums = real_local_sums  # type: ignore[method-assign]
     result.update(_buffers(module))
     result["all_reduce_calls"] = calls
+    result["compiled_forwards"] = compiled_forwards
     result["process_group_all_reduces"] = process_group_calls
     return result
 
 
-def _worker(rank: int, init_file: str, out_dir: str, exchange: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, exchange: str, passes: str) -> None:
     """Spawned process: join the gloo group, run every scenario, save results to ``out_dir``."""
     torch.set_num_threads(1)
     os.environ[EXCHANGE_ENV] = exchange
+    os.environ[KERNELS_ENV] = passes
     try:
         dist.init_process_group(
             "gloo",
@@ -217,15 +229,22 @@ def _worker(rank: int, init_file: str, out_dir: str, exchange: str) -> None:
         raise
 
 
-@pytest.fixture(scope="module", params=EXCHANGES)
+# (exchange, CPU path): each exchange with the compiled passes, and the torch path once.
+RUNS = [(exchange, "c") for exchange in EXCHANGES] + [("tcp", "torch")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=["/".join(run) for run in RUNS])
 def dist_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> list[dict[str, Any]]:
     """Run all scenarios once in two gloo processes per exchange (the statistics over direct TCP
-    connections, or through the process group); return each rank's results."""
-    results = run_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("sync_bn"), request.param)
+    connections, or through the process group) and CPU path (gan.nn.batchnorm_kernels' compiled
+    passes, which must build, or the torch path); return each rank's results."""
+    exchange, passes = request.param
+    tmp = tmp_path_factory.mktemp("sync_bn")
+    results = run_ranks(_worker, WORLD_SIZE, tmp, exchange, passes)
     for r in results:
-        r["exchange"] = request.param
+        r["exchange"], r["passes"] = exchange, passes
     return results
 
 
@@ -312,6 +331,18 @@ def test_distributed_one_all_reduce_each_way(dist_results: list[dict[str, Any]])
         # Only the process-group exchange goes through gloo's all_reduce.
         through_gloo = ["(7,)", "(6,)"] if r["exchange"] == "process_group" else []
         assert r["equal"]["process_group_all_reduces"] == through_gloo
+
+
+def test_distributed_path_taken(dist_results: list[dict[str, Any]]) -> None:
+    # The compiled passes take float32 and float64 (also under torch.compile), never bfloat16,
+    # and nothing when the torch path is chosen. (The DDP scenario records gradients only.)
+    for r in dist_results:
+        for name, spec in SCENARIOS.items():
+            if spec.get("ddp"):
+                continue
+            compiled = r["passes"] == "c" and spec.get("dtype") != "bfloat16"
+            forwards = 0 if spec.get("eval") else spec["steps"]
+            assert len(r[name]["compiled_forwards"]) == (forwards if compiled else 0), name
 
 
 def test_distributed_rank_with_empty_batch(dist_results: list[dict[str, Any]]) -> None:

@@ -1,0 +1,218 @@
+"""gan.nn.batchnorm_kernels: the compiled passes against sync batch norm's torch path, and how
+they are built, cached, chosen and refused.
+
+The arithmetic is compared at one rank (the exchange left out: one rank's sums are the global
+ones); tests/unit/test_sync_batchnorm.py runs both paths across two ranks against batch norm
+over the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from gan.nn import batchnorm_kernels, sync_batchnorm
+from gan.nn.batchnorm_kernels import CACHE_ENV, KERNELS_ENV, Kernels, kernels
+from pipelines.runner import ray_train_environment
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty cache directory and no choice made yet in this process; the process's own
+    choice again afterwards."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    kernels.cache_clear()
+    yield tmp_path / "cache"
+    kernels.cache_clear()
+
+
+def _built(cache: Path) -> list[Path]:
+    return sorted((cache / "kernels").glob("*")) if (cache / "kernels").exists() else []
+
+
+def _compiled_passes() -> Kernels:
+    """The compiled passes, whatever this process chose (built here if they cannot be, the
+    test fails)."""
+    kernels.cache_clear()
+    previous = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = "c"
+    try:
+        passes = kernels()
+    finally:
+        if previous is None:
+            del os.environ[KERNELS_ENV]
+        else:
+            os.environ[KERNELS_ENV] = previous
+        kernels.cache_clear()
+    assert passes is not None
+    return passes
+
+
+def _one_rank(tensor: torch.Tensor, group: object = None) -> None:
+    """The exchange at one rank: the local sums are the global ones."""
+
+
+def _layer(
+    function: type, x: torch.Tensor, g: torch.Tensor, affine: bool, running: bool, extra: tuple
+) -> dict[str, torch.Tensor | None]:
+    channels, dtype = x.shape[1], x.dtype
+    gen = torch.Generator().manual_seed(3)
+    weight = (0.5 + torch.rand(channels, generator=gen, dtype=dtype)).requires_grad_(affine)
+    bias = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_(affine)
+    running_mean = torch.randn(channels, generator=gen, dtype=dtype) if running else None
+    running_var = 0.5 + torch.rand(channels, generator=gen, dtype=dtype) if running else None
+    x = x.clone().requires_grad_(True)
+    w, b = (weight, bias) if affine else (None, None)
+    y = function.apply(x, w, b, running_mean, running_var, 1e-5, 0.3, None, *extra)
+    (y * g).sum().backward()
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "w_grad": weight.grad,
+        "b_grad": bias.grad,
+        "running_mean": running_mean,
+        "running_var": running_var,
+    }
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, offset",
+    [
+        ((8, 3, 5, 5), torch.float64, 0.0),
+        ((32, 64, 4, 4), torch.float32, 0.0),  # the default generator's first layer, one rank
+        ((8, 3, 5, 5), torch.float32, 20.0),  # |mean| >> std
+        ((10, 4), torch.float64, 1.0),
+        ((6, 2, 7), torch.float32, 0.0),
+        ((4, 2, 3, 3, 3), torch.float64, -2.0),
+    ],
+)
+@pytest.mark.parametrize("affine, running", [(True, True), (False, False), (True, False)])
+def test_compiled_passes_match_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    offset: float,
+    affine: bool,
+    running: bool,
+) -> None:
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
+    passes = _compiled_passes()
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + offset).to(dtype)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    assert passes.supports(x)
+    torch_path = _layer(sync_batchnorm._CpuSyncBatchNormFn, x, g, affine, running, ())
+    compiled = _layer(sync_batchnorm._CompiledSyncBatchNormFn, x, g, affine, running, (passes,))
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for key, expected in torch_path.items():
+        if expected is None:
+            assert compiled[key] is None, key
+            continue
+        actual = compiled[key]
+        assert actual is not None and actual.dtype == dtype, key
+        torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance, msg=key)
+
+
+def test_a_global_batch_of_one_value_per_channel_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
+    passes = _compiled_passes()
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        sync_batchnorm._CompiledSyncBatchNormFn.apply(
+            torch.randn(1, 3), None, None, running_mean, running_var, 1e-5, 0.1, None, passes
+        )
+    # Refused before anything moved.
+    assert running_mean.eq(0).all() and running_var.eq(1).all()
+
+
+def test_what_the_passes_take() -> None:
+    passes = _compiled_passes()
+    x = torch.randn(4, 3, 2, 2)
+    assert passes.supports(x, torch.ones(3), None, torch.zeros(3), torch.ones(3))
+    assert not passes.supports(x.to(torch.bfloat16))
+    assert not passes.supports(x.transpose(2, 3))  # not contiguous
+    assert not passes.supports(x.to(memory_format=torch.channels_last))
+    assert not passes.supports(x, torch.ones(3, dtype=torch.float64))  # dtypes differ
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not passes.supports(x)  # torch's own kernels use the threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_built_once_then_taken_from_the_cache(fresh: Path) -> None:
+    os.environ[KERNELS_ENV] = "c"
+    try:
+        assert kernels() is not None
+        [library] = _built(fresh)  # no temporary file left beside it
+        assert library.suffix == ".so"
+        built_at = library.stat().st_mtime_ns
+        kernels.cache_clear()
+        assert kernels() is not None
+    finally:
+        del os.environ[KERNELS_ENV]
+    assert _built(fresh) == [library] and library.stat().st_mtime_ns == built_at
+
+
+def test_auto_without_a_compiler_warns_once_and_takes_the_torch_path(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "ganpipe-no-such-compiler")
+    with caplog.at_level(logging.WARNING, logger=batchnorm_kernels.__name__):
+        assert kernels() is None
+        assert kernels() is None  # decided once per process
+    [record] = caplog.records
+    assert "ganpipe-no-such-compiler" in record.getMessage()
+    assert f"{KERNELS_ENV}=torch" in record.getMessage()
+    assert _built(fresh) == []
+
+
+def test_c_without_a_compiler_fails_naming_it(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "ganpipe-no-such-compiler")
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    with pytest.raises(RuntimeError, match=f"{KERNELS_ENV}=c.*ganpipe-no-such-compiler"):
+        kernels()
+
+
+def test_a_failed_build_says_what_the_compiler_said_and_leaves_nothing(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'fatal: this toolchain is broken' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    with pytest.raises(RuntimeError, match="exit 3.*this toolchain is broken"):
+        kernels()
+    assert _built(fresh) == []
+
+
+def test_torch_builds_nothing_and_other_choices_are_refused(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert kernels() is None
+    assert _built(fresh) == []
+    monkeypatch.setenv(KERNELS_ENV, "fast")
+    kernels.cache_clear()
+    with pytest.raises(ValueError, match=f"{KERNELS_ENV}='fast'.*auto, c, torch"):
+        kernels()
+
+
+def test_the_workers_see_the_choice_and_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    monkeypatch.setenv(CACHE_ENV, "/shared/cache")
+    settings = ray_train_environment()
+    assert settings[KERNELS_ENV] == "torch" and settings[CACHE_ENV] == "/shared/cache"
+    monkeypatch.delenv(KERNELS_ENV)
+    assert KERNELS_ENV not in ray_train_environment()
