@@ -10,8 +10,10 @@ caches: each small operator the layer calls then costs several times what it cos
 convolution's forward and backward before every forward and every backward. Variants:
 
 * ``batch``: torch's ``F.batch_norm`` in training mode (what ``model.g_norm=batch`` runs);
-* ``sync``: gan.nn.sync_batchnorm's CPU autograd function as it is, its exchange left out (the
-  layer sees one rank), so only its own work is timed;
+* ``sync``: gan.nn.sync_batchnorm's CPU autograd function as it is (the torch path), its
+  exchange left out (the layer sees one rank), so only its own work is timed;
+* ``compiled``: the same layer in gan.nn.batchnorm_kernels' compiled passes (unless
+  ``GANPIPE_SYNC_BN_KERNELS=torch`` or they cannot be built), its exchange left out too;
 * ``before`` (with ``--before REV``): the same at an earlier revision;
 * ``kernels``: torch's own training-mode kernels inside an autograd function of the same shape:
   what the function's wrapping costs;
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from harness import dispatched_ops, loadavg, machine
 from syncbn_ab import _no_exchange, module_from_source, sources_at
 
-from gan.nn import sync_batchnorm
+from gan.nn import batchnorm_kernels, sync_batchnorm
 
 SHAPES = ((32, 64, 4, 4), (32, 32, 8, 8))  # the default generator's two layers, one rank
 
@@ -122,6 +124,12 @@ def variants(before: str | None) -> dict[str, Callable[..., torch.Tensor]]:
     }
     for name, function in functions.items():
         chosen[name] = lambda x, w, b, rm, rv, f=function: f.apply(x, w, b, rm, rv, 1e-5, 0.1, None)
+    passes = batchnorm_kernels.kernels()
+    if passes is not None:
+        compiled = sync_batchnorm._CompiledSyncBatchNormFn
+        chosen["compiled"] = lambda x, w, b, rm, rv: compiled.apply(
+            x, w, b, rm, rv, 1e-5, 0.1, None, passes
+        )
     return chosen
 
 
