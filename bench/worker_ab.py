@@ -15,10 +15,13 @@ blocks, and the median printed: the machine's drift falls on both sides alike.
 
 A side is ``HOST:MODE``, with config overrides of its own after ``+`` if any
 (``process:bare+model.g_norm=batch+model.d_norm=batch``; a value cannot hold ``+`` or ``,``,
-and ``data.*`` is the same for both sides). A side's own ``train.workers`` sets its ranks
-instead of ``--workers``: with ``train.batch_size`` scaled alike, the ratio is weak scaling
-(``process:bare+train.workers=2+train.batch_size=128,process:bare``: 2 ranks of 64 images against
-1 of 64; the efficiency is the ratio over 2).
+and ``data.*`` is the same for both sides). An override whose name is in capitals sets that
+environment variable in a process side's ranks instead
+(``process:state,process:state+GANPIPE_SYNC_BN_KERNELS=torch``). A side's own
+``train.workers`` sets its ranks instead of ``--workers``: with ``train.batch_size`` scaled
+alike, the ratio is weak scaling
+(``process:bare+train.workers=2+train.batch_size=128,process:bare``: 2 ranks of 64 images
+against 1 of 64; the efficiency is the ratio over 2).
 
 * HOST ``ray``: the side's ranks as Ray Train workers (``TorchTrainer``, gloo, one CPU and one torch
   thread each, Ray's niceness); ``process``: as many ``torch.multiprocessing`` processes (gloo
@@ -84,6 +87,7 @@ def _serve_blocks(rank: int, world: int, job: dict[str, Any]) -> None:
 
 
 def _process_rank(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
+    os.environ.update(job["environment"])
     torch.set_num_threads(1)
     os.nice(job["nice"])
     if world > 1:
@@ -111,10 +115,23 @@ def or_exit(function: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def split_side(side: str) -> tuple[str, str, list[str]]:
-    """``"process:bare+model.g_norm=batch"`` -> ``("process", "bare", ["model.g_norm=batch"])``."""
+    """``"process:bare+model.g_norm=batch"`` -> ``("process", "bare", ["model.g_norm=batch"])``:
+    the config overrides, without the environment's (:func:`side_environment`)."""
     head, *overrides = side.split("+")
     host, _, mode = head.partition(":")
-    return host, mode, overrides
+    return host, mode, [o for o in overrides if not _is_environment(o)]
+
+
+def side_environment(side: str) -> dict[str, str]:
+    """``"process:state+GANPIPE_SYNC_BN_KERNELS=torch"`` -> ``{"GANPIPE_SYNC_BN_KERNELS":
+    "torch"}``: the side's overrides whose name is in capitals."""
+    pairs = [o.partition("=") for o in side.split("+")[1:] if _is_environment(o)]
+    return {name: value for name, _, value in pairs}
+
+
+def _is_environment(override: str) -> bool:
+    name = override.partition("=")[0]
+    return name.isupper()
 
 
 def start_side(
@@ -135,6 +152,7 @@ def start_side(
         "shape": list(dataset.shape),
         "side": side,
         "mode": split_side(side)[1],
+        "environment": side_environment(side),
         "warmup": warmup,
         "nice": RAY_WORKER_NICENESS,
         "address": list(listener.address),
@@ -212,6 +230,11 @@ def parse_sides(text: str) -> tuple[str, str]:
                     f"side {side!r}: {key} cannot differ between the sides; give it after -- "
                     "for both"
                 )
+        if host == "ray" and side_environment(side):
+            raise ValueError(
+                f"side {side!r}: Ray Train workers take the environment Ray was started with; "
+                "set it for both sides instead"
+            )
     if all(split_side(side)[0] == "ray" for side in sides):
         # Two trainers would each hold their side's workers' CPUs: on 2 cores the second would never
         # start.
