@@ -7,7 +7,7 @@ together they were most of what synchronized batch norm cost a CPU step beyond p
 direction. It has no Python or torch API, so any C compiler builds it in a fraction of a second,
 the way ``torch.compile`` builds its CPU kernels with the system's compiler.
 
-The library is built once per machine into ``$GANPIPE_CACHE_DIR`` (default
+The library is built once per machine into ``_kernels`` under ``$GANPIPE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ganpipe``, else ``~/.cache/ganpipe``), under a name that holds a hash of the
 source and the flags, written to a temporary file and renamed: processes that build at once
 each get a whole library. :data:`KERNELS_ENV` chooses:
@@ -77,12 +77,19 @@ def _build(compiler: str) -> Path:
     """The library for this source and these flags, built unless the cache has it."""
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    directory = _cache_dir() / "kernels"
+    # Beside the S3 workdirs' local copies (pipelines/config.py: ~/.cache/ganpipe/<bucket>/...),
+    # under a name no bucket can have.
+    directory = _cache_dir() / "_kernels"
     library = directory / f"batchnorm-{platform.machine()}-{tag}.so"
     if library.exists():
         return library
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".tmp")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".tmp")
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write to {directory} ({error.strerror}): set {CACHE_ENV} to a writable folder"
+        ) from error
     os.close(handle)
     try:
         result = subprocess.run(

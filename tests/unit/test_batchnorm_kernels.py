@@ -34,7 +34,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
 
 
 def _built(cache: Path) -> list[Path]:
-    return sorted((cache / "kernels").glob("*")) if (cache / "kernels").exists() else []
+    return sorted((cache / "_kernels").glob("*")) if (cache / "_kernels").exists() else []
 
 
 def _compiled_passes() -> Kernels:
@@ -195,6 +195,16 @@ def test_a_failed_build_says_what_the_compiler_said_and_leaves_nothing(
     with pytest.raises(RuntimeError, match="exit 3.*this toolchain is broken"):
         kernels()
     assert _built(fresh) == []
+
+
+def test_a_cache_that_cannot_be_written_is_named(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fresh.parent.joinpath("a-file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(fresh.parent / "a-file"))  # no folder can be made in it
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    with pytest.raises(RuntimeError, match=f"cannot write to .*a-file.*set {CACHE_ENV}"):
+        kernels()
 
 
 def test_torch_builds_nothing_and_other_choices_are_refused(
