@@ -136,7 +136,8 @@ class Kernels:
         for absent ones): CPU, contiguous, float32 or float64, all of one dtype, and torch
         running one intra-op thread (these passes use one; torch's own kernels use them all)."""
         return (
-            x.dtype in _DTYPES
+            x.device.type == "cpu"
+            and x.dtype in _DTYPES
             and x.is_contiguous()
             and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in others)
             and torch.get_num_threads() == 1
