@@ -25,8 +25,10 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -40,6 +42,9 @@ KERNELS_ENV = "GANPIPE_SYNC_BN_KERNELS"
 CHOICES = ("auto", "c", "torch")
 CACHE_ENV = "GANPIPE_CACHE_DIR"
 SOURCE = Path(__file__).with_name("batchnorm_kernels.c")
+# A build takes a fraction of a second; a compiler that hangs must not stall the first step for
+# ever while the other ranks wait on it.
+BUILD_TIMEOUT_S = 120.0
 # Vectorized float64 sums need reassociation; -ffast-math would also link crtfastmath, which
 # flushes denormals to zero for the whole process, so only the flags that matter are named.
 # No -march=native: a cache directory on a shared home may serve machines of several kinds.
@@ -73,16 +78,22 @@ def _cache_dir() -> Path:
     return Path(base) / "ganpipe"
 
 
-def _build(compiler: str) -> Path:
-    """The library for this source and these flags, built unless the cache has it."""
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    # Beside the S3 workdirs' local copies (pipelines/config.py: ~/.cache/ganpipe/<bucket>/...),
-    # under a name no bucket can have.
-    directory = _cache_dir() / "_kernels"
-    library = directory / f"batchnorm-{platform.machine()}-{tag}.so"
-    if library.exists():
-        return library
+def _library_path() -> Path:
+    """Where the library for this source, these flags and this kind of machine lives."""
+    key = SOURCE.read_bytes() + " ".join((*CFLAGS, sys.platform)).encode()
+    tag = hashlib.sha256(key).hexdigest()[:16]
+    # ~/.cache/ganpipe also holds the S3 workdirs' local copies (pipelines/config.py, one folder
+    # per bucket): no bucket can be named _kernels.
+    return _cache_dir() / "_kernels" / f"batchnorm-{platform.machine()}-{tag}.so"
+
+
+def _build(compiler: list[str], library: Path) -> None:
+    """Build ``library`` with ``compiler`` (a command and its own arguments)."""
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(
+            f"no C compiler {shlex.join(compiler)!r} on PATH (set CC, or install gcc)"
+        )
+    directory = library.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".tmp")
@@ -91,23 +102,37 @@ def _build(compiler: str) -> Path:
             f"cannot write to {directory} ({error.strerror}): set {CACHE_ENV} to a writable folder"
         ) from error
     os.close(handle)
+    command = [*compiler, *CFLAGS, str(SOURCE), "-o", partial, "-lm"]
     try:
         result = subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", partial, "-lm"],
-            capture_output=True,
-            text=True,
-            check=False,
+            command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S
         )
         if result.returncode != 0:
             raise RuntimeError(
-                f"{compiler} could not build {SOURCE.name} (exit {result.returncode}): "
-                f"{result.stderr.strip()[-500:]}"
+                f"{shlex.join(compiler)} could not build {SOURCE.name} (exit "
+                f"{result.returncode}): {result.stderr.strip()[-500:]}"
             )
         os.replace(partial, library)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(
+            f"{shlex.join(compiler)} did not build {SOURCE.name} in {BUILD_TIMEOUT_S:.0f} s"
+        ) from error
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return library
+
+
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """The library, built unless the cache has it. One in the cache that does not load (cut
+    short by a crash, or made for another machine under the same name) is built again."""
+    library = _library_path()
+    if library.exists():
+        try:
+            return ctypes.CDLL(str(library))
+        except OSError:
+            library.unlink(missing_ok=True)
+    _build(compiler, library)
+    return ctypes.CDLL(str(library))
 
 
 class Kernels:
@@ -133,13 +158,18 @@ class Kernels:
     @staticmethod
     def supports(x: Tensor, *others: Tensor | None) -> bool:
         """Whether the passes take ``x`` and ``others`` (weight, bias, running statistics; None
-        for absent ones): CPU, contiguous, float32 or float64, all of one dtype, and torch
+        for absent ones): CPU, contiguous, float32 or float64, all of one dtype, one value of
+        each per channel of ``x`` (the C trusts the sizes; torch's path checks them), and torch
         running one intra-op thread (these passes use one; torch's own kernels use them all)."""
         return (
             x.device.type == "cpu"
+            and x.dim() >= 2
             and x.dtype in _DTYPES
             and x.is_contiguous()
-            and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in others)
+            and all(
+                t is None or (t.dtype == x.dtype and t.is_contiguous() and t.numel() == x.shape[1])
+                for t in others
+            )
             and torch.get_num_threads() == 1
         )
 
@@ -263,11 +293,9 @@ def kernels() -> Kernels | None:
     choice = _choice()
     if choice == "torch":
         return None
-    compiler = os.environ.get("CC") or "cc"
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may hold arguments: "ccache gcc"
     try:
-        if shutil.which(compiler) is None:
-            raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC, or install gcc)")
-        return Kernels(ctypes.CDLL(str(_build(compiler))))
+        return Kernels(_load(compiler))
     except (OSError, RuntimeError) as error:
         if choice == "c":
             raise RuntimeError(

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from gan.nn.batchnorm_kernels import Kernels, kernels
 from gan.nn.stats_exchange import all_reduce_sum
@@ -35,9 +36,11 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 class _CpuSyncBatchNormFn(torch.autograd.Function):
     """Exact batch norm over the batch concatenated across all ranks of ``process_group``.
 
-    Forward all-reduces one tensor ``[sum(x), sum(x*x), count]`` (per channel, count scalar), so
-    ranks may hold different numbers of samples (even zero). Backward all-reduces one tensor
-    ``[sum(dy), sum(dy * x_hat)]`` and returns the exact input gradient of global batch norm.
+    Forward all-reduces one float64 tensor ``[sum(x), sum(x*x), count]`` (per channel, count
+    scalar), so ranks may hold different numbers of samples (even zero). Backward all-reduces
+    one float64 tensor ``[sum(dy), sum(dy * x_hat)]`` and returns the exact input gradient of
+    global batch norm. :class:`_CompiledSyncBatchNormFn` sends the same messages, so ranks may
+    take either path.
 
     The elementwise passes are torch's fused batch-norm kernels run in inference mode with the
     global statistics: ``F.batch_norm`` normalizes, and ``native_batch_norm_backward`` forms
@@ -47,6 +50,9 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
     Every rank must run backward through this op whenever any rank does (as with
     ``torch.nn.SyncBatchNorm``), otherwise the backward ``all_reduce`` blocks, or takes another
     exchange's message (DDP's gradients share the connections).
+
+    The backward is not differentiable again (on either path): a gradient taken through it
+    with ``create_graph=True`` raises, where it would otherwise miss the other ranks' part.
     """
 
     @staticmethod
@@ -116,6 +122,7 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
         return out.to(input.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -144,9 +151,10 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
 
         if need_input:
             channels = input.shape[1]
-            combined = torch.cat([sum_dy, sum_dy_xhat])
+            # float64, as the compiled passes send it: ranks on either path exchange alike.
+            combined = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
             all_reduce_sum(combined, ctx.process_group)
-            combined.div_(ctx.count)
+            combined = combined.div_(ctx.count).to(sdt)
             mean_dy, mean_dy_xhat = combined[:channels], combined[channels:]
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), scale = invstd * weight;
             # the last two terms are one more inference-mode batch norm of x.
@@ -165,7 +173,7 @@ class _CompiledSyncBatchNormFn(torch.autograd.Function):
     """:class:`_CpuSyncBatchNormFn`'s arithmetic in gan.nn.batchnorm_kernels' compiled passes:
     two calls a direction around the same exchanges, where the torch path makes about fifty
     small operators. Takes what :meth:`Kernels.supports` accepts (float32 or float64, one
-    dtype, contiguous); the same messages, so the same sums on every rank."""
+    dtype, contiguous)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -196,6 +204,7 @@ class _CompiledSyncBatchNormFn(torch.autograd.Function):
         return passes.normalize(input, stats, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         input, weight, stats = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -228,19 +237,20 @@ def _synchronized_batch_norm(
     """Global batch norm of CPU ``input``: the compiled passes where they take it (see
     gan.nn.batchnorm_kernels), else the torch path; outside any ``torch.compile`` graph either
     way, so that a compiled model runs the layers around it compiled and this one as it is
-    (sockets and in-place buffer updates cannot be traced)."""
-    args: tuple[Any, ...] = (input, weight, bias, running_mean, running_var, eps, momentum)
-    passes = kernels()
-    if passes is not None and passes.supports(input, weight, bias, running_mean, running_var):
-        function: Any = _CompiledSyncBatchNormFn
-        args += (process_group, passes)
-    else:
-        function, args = _CpuSyncBatchNormFn, (*args, process_group)
+    (sockets, a build and in-place buffer updates cannot be traced)."""
+    args = (input, weight, bias, running_mean, running_var, eps, momentum, process_group)
     if torch.compiler.is_compiling():
         # Not a decorator: torch.compiler.disable imports torch._dynamo, which would add a
         # second of start-up to every process that imports the models.
-        return torch.compiler.disable(function.apply)(*args)
-    return function.apply(*args)
+        return torch.compiler.disable(_apply_synchronized_batch_norm)(*args)
+    return _apply_synchronized_batch_norm(*args)
+
+
+def _apply_synchronized_batch_norm(*args: Any) -> Tensor:
+    # What the compiled passes cannot take is settled before they are built or warned about.
+    if Kernels.supports(*args[:5]) and (passes := kernels()) is not None:
+        return _CompiledSyncBatchNormFn.apply(*args, passes)
+    return _CpuSyncBatchNormFn.apply(*args)
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -93,7 +93,9 @@ def _layer(
         ((4, 2, 3, 3, 3), torch.float64, -2.0),
     ],
 )
-@pytest.mark.parametrize("affine, running", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize(
+    "affine, running", [(True, True), (False, False), (True, False), (False, True)]
+)
 def test_compiled_passes_match_the_torch_path(
     monkeypatch: pytest.MonkeyPatch,
     shape: tuple[int, ...],
@@ -120,6 +122,66 @@ def test_compiled_passes_match_the_torch_path(
         torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance, msg=key)
 
 
+def test_without_an_input_gradient_the_backward_exchanges_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exchanged: list[int] = []
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", lambda t, g=None: exchanged.append(1))
+    passes = _compiled_passes()
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(6, 3, 4, 4, generator=gen), torch.randn(6, 3, 4, 4, generator=gen)
+    grads = []
+    for function, extra in (
+        (sync_batchnorm._CpuSyncBatchNormFn, ()),
+        (sync_batchnorm._CompiledSyncBatchNormFn, (passes,)),
+    ):
+        weight, bias = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+        exchanged.clear()
+        y = function.apply(x, weight, bias, None, None, 1e-5, 0.1, None, *extra)
+        (y * g).sum().backward()
+        assert len(exchanged) == 1  # the forward's only: no rank needs the input gradient
+        grads.append((weight.grad, bias.grad))
+    for torch_path, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, torch_path, atol=2e-5, rtol=2e-5)
+
+
+def test_a_gradient_that_is_not_contiguous(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
+    passes = _compiled_passes()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 5, 5, 3, generator=gen, dtype=torch.float64).permute(0, 3, 1, 2)
+    assert not g.is_contiguous()
+    x_grads = []
+    for function, extra in (
+        (sync_batchnorm._CpuSyncBatchNormFn, ()),
+        (sync_batchnorm._CompiledSyncBatchNormFn, (passes,)),
+    ):
+        x_in = x.clone().requires_grad_(True)
+        function.apply(x_in, None, None, None, None, 1e-5, 0.1, None, *extra).backward(g)
+        x_grads.append(x_in.grad)
+    torch.testing.assert_close(x_grads[1], x_grads[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_second_derivative_through_either_path_is_refused(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    # Neither path differentiates its exchange: a second derivative would miss the other
+    # ranks' part without a word.
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
+    function, extra = (
+        (sync_batchnorm._CompiledSyncBatchNormFn, (_compiled_passes(),))
+        if compiled
+        else (sync_batchnorm._CpuSyncBatchNormFn, ())
+    )
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    y = function.apply(x, torch.ones(3), None, None, None, 1e-5, 0.1, None, *extra)
+    (grad,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        grad.sum().backward()
+
+
 def test_a_global_batch_of_one_value_per_channel_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -142,6 +204,9 @@ def test_what_the_passes_take() -> None:
     assert not passes.supports(x.transpose(2, 3))  # not contiguous
     assert not passes.supports(x.to(memory_format=torch.channels_last))
     assert not passes.supports(x, torch.ones(3, dtype=torch.float64))  # dtypes differ
+    # A layer of 4 channels given 3: the C would read past the ends; torch's path says so.
+    assert not passes.supports(x, torch.ones(4), None, torch.zeros(4), torch.ones(4))
+    assert not passes.supports(torch.randn(3))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -162,6 +227,32 @@ def test_built_once_then_taken_from_the_cache(fresh: Path) -> None:
     finally:
         del os.environ[KERNELS_ENV]
     assert _built(fresh) == [library] and library.stat().st_mtime_ns == built_at
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(fresh: Path) -> None:
+    # As a crash before the data reached the disk leaves it. (A path this process has not
+    # loaded yet: the dynamic loader hands back a loaded library by its path alone.)
+    library = batchnorm_kernels._library_path()
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"")
+    os.environ[KERNELS_ENV] = "c"
+    try:
+        assert kernels() is not None
+    finally:
+        del os.environ[KERNELS_ENV]
+    assert _built(fresh) == [library] and library.stat().st_size > 0
+
+
+def test_a_cached_library_needs_no_compiler_and_cc_may_hold_arguments(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    monkeypatch.setenv("CC", "env cc")  # a command with arguments, as "ccache gcc"
+    assert kernels() is not None
+    assert len(_built(fresh)) == 1
+    kernels.cache_clear()
+    monkeypatch.setenv("CC", "ganpipe-no-such-compiler")
+    assert kernels() is not None  # loaded from the cache
 
 
 def test_auto_without_a_compiler_warns_once_and_takes_the_torch_path(

@@ -210,7 +210,7 @@ def _worker(rank: int, init_file: str, out_dir: str, exchange: str, passes: str)
     """Spawned process: join the gloo group, run every scenario, save results to ``out_dir``."""
     torch.set_num_threads(1)
     os.environ[EXCHANGE_ENV] = exchange
-    os.environ[KERNELS_ENV] = passes
+    os.environ[KERNELS_ENV] = _rank_passes(passes, rank)
     try:
         dist.init_process_group(
             "gloo",
@@ -229,8 +229,17 @@ def _worker(rank: int, init_file: str, out_dir: str, exchange: str, passes: str)
         raise
 
 
-# (exchange, CPU path): each exchange with the compiled passes, and the torch path once.
-RUNS = [(exchange, "c") for exchange in EXCHANGES] + [("tcp", "torch")]
+# (exchange, CPU path): each exchange with the compiled passes and with the torch path, one of
+# them with rank 0 on the compiled passes and rank 1 on torch's (a node without a compiler).
+RUNS = [("tcp", "c"), ("process_group", "c"), ("tcp", "mixed"), ("process_group", "torch")]
+assert {exchange for exchange, _ in RUNS} == set(EXCHANGES)
+
+
+def _rank_passes(passes: str, rank: int) -> str:
+    """The rank's GANPIPE_SYNC_BN_KERNELS in a run of ``passes``."""
+    if passes == "mixed":
+        return "c" if rank == 0 else "torch"
+    return passes
 
 
 @pytest.fixture(scope="module", params=RUNS, ids=["/".join(run) for run in RUNS])
@@ -336,11 +345,12 @@ def test_distributed_one_all_reduce_each_way(dist_results: list[dict[str, Any]])
 def test_distributed_path_taken(dist_results: list[dict[str, Any]]) -> None:
     # The compiled passes take float32 and float64 (also under torch.compile), never bfloat16,
     # and nothing when the torch path is chosen. (The DDP scenario records gradients only.)
-    for r in dist_results:
+    for rank, r in enumerate(dist_results):
         for name, spec in SCENARIOS.items():
             if spec.get("ddp"):
                 continue
-            compiled = r["passes"] == "c" and spec.get("dtype") != "bfloat16"
+            chosen = _rank_passes(r["passes"], rank) == "c"
+            compiled = chosen and spec.get("dtype") != "bfloat16"
             forwards = 0 if spec.get("eval") else spec["steps"]
             assert len(r[name]["compiled_forwards"]) == (forwards if compiled else 0), name
 
