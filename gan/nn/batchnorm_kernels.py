@@ -178,9 +178,8 @@ class Kernels:
 
     def local_sums(self, x: Tensor) -> Tensor:
         """float64 ``[sum(x), sum(x*x), count]`` per channel of ``x``: 2C + 1 numbers."""
-        n, c = x.shape[0], x.shape[1]
-        sums = torch.empty(2 * c + 1, dtype=torch.float64)
-        self._function("local_sums", x)(x.data_ptr(), n, c, _spatial(x), sums.data_ptr())
+        sums = torch.empty(2 * x.shape[1] + 1, dtype=torch.float64)
+        self._function("local_sums", x)(x.data_ptr(), *_layout(x), sums.data_ptr())
         return sums
 
     def finish_stats(
@@ -212,13 +211,10 @@ class Kernels:
         self, x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None
     ) -> Tensor:
         out = torch.empty_like(x)
-        n, c = x.shape[0], x.shape[1]
         self._function("normalize", x)(
             x.data_ptr(),
             out.data_ptr(),
-            n,
-            c,
-            _spatial(x),
+            *_layout(x),
             stats.data_ptr(),
             _pointer(weight),
             _pointer(bias),
@@ -230,16 +226,14 @@ class Kernels:
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """float64 ``[sum(dy), sum(dy * x_hat)]`` (2C numbers), and the local weight and bias
         gradients in ``x``'s dtype where wanted."""
-        n, c = x.shape[0], x.shape[1]
+        c = x.shape[1]
         sums = torch.empty(2 * c, dtype=torch.float64)
         grad_weight = torch.empty(c, dtype=x.dtype) if want_weight else None
         grad_bias = torch.empty(c, dtype=x.dtype) if want_bias else None
         self._function("backward_sums", x)(
             dy.data_ptr(),
             x.data_ptr(),
-            n,
-            c,
-            _spatial(x),
+            *_layout(x),
             stats.data_ptr(),
             sums.data_ptr(),
             _pointer(grad_weight),
@@ -258,14 +252,11 @@ class Kernels:
     ) -> Tensor:
         """The input gradient from the global backward ``sums`` over ``count`` values."""
         dx = torch.empty_like(x)
-        n, c = x.shape[0], x.shape[1]
         self._function("backward_input", x)(
             dy.data_ptr(),
             x.data_ptr(),
             dx.data_ptr(),
-            n,
-            c,
-            _spatial(x),
+            *_layout(x),
             stats.data_ptr(),
             _pointer(weight),
             sums.data_ptr(),
@@ -274,12 +265,13 @@ class Kernels:
         return dx
 
 
-def _spatial(x: Tensor) -> int:
-    """Values per sample and channel: the product of the sizes after dim 1 (1 for (N, C))."""
-    size = 1
-    for dim in x.shape[2:]:
-        size *= dim
-    return size
+def _layout(x: Tensor) -> tuple[int, int, int]:
+    """``x`` as the C sees it, (N, C, S): S values per sample and channel, the product of the
+    sizes after dim 1 (1 for (N, C))."""
+    spatial = 1
+    for size in x.shape[2:]:
+        spatial *= size
+    return x.shape[0], x.shape[1], spatial
 
 
 def _pointer(tensor: Tensor | None) -> int | None:

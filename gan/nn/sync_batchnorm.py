@@ -33,6 +33,15 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_global_count(count: float) -> None:
+    """Batch norm's own refusal of a batch of one value per channel, for the global batch."""
+    if count <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got a global batch of "
+            f"{int(count)} value(s) per channel across all ranks"
+        )
+
+
 class _CpuSyncBatchNormFn(torch.autograd.Function):
     """Exact batch norm over the batch concatenated across all ranks of ``process_group``.
 
@@ -90,11 +99,7 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
         all_reduce_sum(combined, process_group)
 
         count = float(combined[-1].item())
-        if count <= 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got a global batch of "
-                f"{int(count)} value(s) per channel across all ranks"
-            )
+        _check_global_count(count)
         combined = combined[:-1].div_(count)
         mean64 = combined[:channels]
         # Biased variance for normalization, as BatchNorm does in training mode.
@@ -191,11 +196,7 @@ class _CompiledSyncBatchNormFn(torch.autograd.Function):
         sums = passes.local_sums(input)
         all_reduce_sum(sums, process_group)
         count, stats = passes.finish_stats(sums, eps, momentum, running_mean, running_var, input)
-        if count <= 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got a global batch of "
-                f"{int(count)} value(s) per channel across all ranks"
-            )
+        _check_global_count(count)
         ctx.save_for_backward(input, weight, stats)
         ctx.count = count
         ctx.has_bias = bias is not None
