@@ -96,7 +96,9 @@ def train_step(
     * ``r1_gamma``/``r1_interval``: R1 penalty on the reals with weight ``r1_gamma *
       r1_interval`` on every ``r1_interval``-th D update (lazy regularization, StyleGAN2); the
       D update index is ``step * d_steps + i``. The gradient is taken through the same D forward
-      on the reals that the loss uses.
+      on the reals that the loss uses. R1 and ``gp_weight`` differentiate D twice: a D with
+      gan.nn's synchronized batch norm across CPU ranks refuses that (pipelines/config.py refuses
+      batch norm in D with either penalty).
     * ``gp_weight``: WGAN-GP penalty weight (one more D forward, on interpolates, per D update).
     * ``d_steps``: D updates per G update, each on the same ``real`` batch with fresh noise.
     * ``freeze_g_stats_in_d_phase``: G's batch-norm layers normalize the D phase's fakes with

@@ -20,6 +20,7 @@ each get a whole library. :data:`KERNELS_ENV` chooses:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -78,9 +79,18 @@ def _cache_dir() -> Path:
     return Path(base) / "ganpipe"
 
 
-def _library_path() -> Path:
-    """Where the library for this source, these flags and this kind of machine lives."""
-    key = SOURCE.read_bytes() + " ".join((*CFLAGS, sys.platform)).encode()
+def _compiler() -> list[str]:
+    """``$CC`` (default ``cc``) as a command and its own arguments (``ccache gcc``)."""
+    try:
+        return shlex.split(os.environ.get("CC") or "cc")
+    except ValueError as error:
+        raise RuntimeError(f"CC={os.environ['CC']!r} is not a command line: {error}") from error
+
+
+def _library_path(compiler: list[str]) -> Path:
+    """Where the library for this source, this compiler command (its arguments may change the
+    code: ``gcc -march=native``), these flags and this kind of machine lives."""
+    key = SOURCE.read_bytes() + " ".join((*compiler, *CFLAGS, sys.platform)).encode()
     tag = hashlib.sha256(key).hexdigest()[:16]
     # ~/.cache/ganpipe also holds the S3 workdirs' local copies (pipelines/config.py, one folder
     # per bucket): no bucket can be named _kernels.
@@ -124,13 +134,12 @@ def _build(compiler: list[str], library: Path) -> None:
 
 def _load(compiler: list[str]) -> ctypes.CDLL:
     """The library, built unless the cache has it. One in the cache that does not load (cut
-    short by a crash, or made for another machine under the same name) is built again."""
-    library = _library_path()
+    short by a crash) is built again and renamed over it, as every build is: a process that
+    loaded a whole one meanwhile keeps it."""
+    library = _library_path(compiler)
     if library.exists():
-        try:
+        with contextlib.suppress(OSError):
             return ctypes.CDLL(str(library))
-        except OSError:
-            library.unlink(missing_ok=True)
     _build(compiler, library)
     return ctypes.CDLL(str(library))
 
@@ -158,8 +167,9 @@ class Kernels:
     @staticmethod
     def supports(x: Tensor, *others: Tensor | None) -> bool:
         """Whether the passes take ``x`` and ``others`` (weight, bias, running statistics; None
-        for absent ones): CPU, contiguous, float32 or float64, all of one dtype, one value of
-        each per channel of ``x`` (the C trusts the sizes; torch's path checks them), and torch
+        for absent ones): CPU, contiguous, float32 or float64, all of one dtype and device, one
+        value of each per channel of ``x`` (the C trusts the sizes; torch's path checks them), and
+        torch
         running one intra-op thread (these passes use one; torch's own kernels use them all)."""
         return (
             x.device.type == "cpu"
@@ -167,7 +177,13 @@ class Kernels:
             and x.dtype in _DTYPES
             and x.is_contiguous()
             and all(
-                t is None or (t.dtype == x.dtype and t.is_contiguous() and t.numel() == x.shape[1])
+                t is None
+                or (
+                    t.device == x.device
+                    and t.dtype == x.dtype
+                    and t.is_contiguous()
+                    and t.numel() == x.shape[1]
+                )
                 for t in others
             )
             and torch.get_num_threads() == 1
@@ -285,9 +301,8 @@ def kernels() -> Kernels | None:
     choice = _choice()
     if choice == "torch":
         return None
-    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may hold arguments: "ccache gcc"
     try:
-        return Kernels(_load(compiler))
+        return Kernels(_load(_compiler()))
     except (OSError, RuntimeError) as error:
         if choice == "c":
             raise RuntimeError(

@@ -21,6 +21,14 @@ from gan.nn.batchnorm_kernels import CACHE_ENV, KERNELS_ENV, Kernels, kernels
 from pipelines.runner import ray_train_environment
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """This module builds into a folder of its own, never the user's cache."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("kernels-cache")))
+        yield
+
+
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """An empty cache directory and no choice made yet in this process; the process's own
@@ -207,6 +215,7 @@ def test_what_the_passes_take() -> None:
     # A layer of 4 channels given 3: the C would read past the ends; torch's path says so.
     assert not passes.supports(x, torch.ones(4), None, torch.zeros(4), torch.ones(4))
     assert not passes.supports(torch.randn(3))
+    assert not passes.supports(x, torch.ones(3, device="meta"))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -232,7 +241,7 @@ def test_built_once_then_taken_from_the_cache(fresh: Path) -> None:
 def test_a_cached_library_that_does_not_load_is_built_again(fresh: Path) -> None:
     # As a crash before the data reached the disk leaves it. (A path this process has not
     # loaded yet: the dynamic loader hands back a loaded library by its path alone.)
-    library = batchnorm_kernels._library_path()
+    library = batchnorm_kernels._library_path(["cc"])
     library.parent.mkdir(parents=True)
     library.write_bytes(b"")
     os.environ[KERNELS_ENV] = "c"
@@ -243,16 +252,58 @@ def test_a_cached_library_that_does_not_load_is_built_again(fresh: Path) -> None
     assert _built(fresh) == [library] and library.stat().st_size > 0
 
 
-def test_a_cached_library_needs_no_compiler_and_cc_may_hold_arguments(
+def test_a_cached_library_needs_no_compiler(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    assert kernels() is not None
+    kernels.cache_clear()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no cc any more
+    assert kernels() is not None  # loaded from the cache
+    assert len(_built(fresh)) == 1
+
+
+def test_cc_may_hold_arguments_and_they_are_part_of_the_key(
     fresh: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KERNELS_ENV, "c")
+    assert kernels() is not None
+    kernels.cache_clear()
     monkeypatch.setenv("CC", "env cc")  # a command with arguments, as "ccache gcc"
     assert kernels() is not None
-    assert len(_built(fresh)) == 1
-    kernels.cache_clear()
-    monkeypatch.setenv("CC", "ganpipe-no-such-compiler")
-    assert kernels() is not None  # loaded from the cache
+    assert len(_built(fresh)) == 2  # arguments such as -march=native change the code
+
+
+def test_a_cc_that_is_not_a_command_line_is_named(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "c")
+    monkeypatch.setenv("CC", 'gcc "')
+    with pytest.raises(RuntimeError, match="CC='gcc \"' is not a command line"):
+        kernels()
+
+
+def test_what_the_passes_cannot_take_builds_and_warns_nothing(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
+    monkeypatch.setenv("CC", "ganpipe-no-such-compiler")  # a build would warn
+    x = torch.randn(4, 3, 2, 2)
+    threads = torch.get_num_threads()
+    with caplog.at_level(logging.WARNING, logger=batchnorm_kernels.__name__):
+        out = sync_batchnorm._apply_synchronized_batch_norm(
+            x.to(torch.bfloat16), None, None, None, None, 1e-5, 0.1, None
+        )
+        torch.set_num_threads(2)
+        try:
+            sync_batchnorm._apply_synchronized_batch_norm(
+                x, None, None, None, None, 1e-5, 0.1, None
+            )
+        finally:
+            torch.set_num_threads(threads)
+    assert out.dtype == torch.bfloat16
+    assert caplog.records == [] and _built(fresh) == []
 
 
 def test_auto_without_a_compiler_warns_once_and_takes_the_torch_path(

@@ -164,6 +164,7 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         module = torch.compile(module)
 
     calls: list[str] = []
+    dtypes: set[str] = set()
     process_group_calls: list[str] = []
     real_exchange = sync_batchnorm.all_reduce_sum
     real_all_reduce = dist.all_reduce
@@ -172,6 +173,7 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         if spec.get("eval"):
             raise AssertionError("eval mode must not communicate")
         calls.append(f"{tuple(tensor.shape)}")
+        dtypes.add(str(tensor.dtype))
         return real_exchange(tensor, *args, **kwargs)
 
     def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -201,6 +203,7 @@ def _run_rank_scenario(name: str, rank: int) -> dict[str, Any]:
         Kernels.local_sums = real_local_sums  # type: ignore[method-assign]
     result.update(_buffers(module))
     result["all_reduce_calls"] = calls
+    result["exchanged_dtypes"] = dtypes
     result["compiled_forwards"] = compiled_forwards
     result["process_group_all_reduces"] = process_group_calls
     return result
@@ -340,6 +343,16 @@ def test_distributed_one_all_reduce_each_way(dist_results: list[dict[str, Any]])
         # Only the process-group exchange goes through gloo's all_reduce.
         through_gloo = ["(7,)", "(6,)"] if r["exchange"] == "process_group" else []
         assert r["equal"]["process_group_all_reduces"] == through_gloo
+
+
+def test_distributed_messages_are_float64_on_either_path(
+    dist_results: list[dict[str, Any]],
+) -> None:
+    # What lets a rank on the torch path and one on the compiled passes sum together.
+    for r in dist_results:
+        for name, spec in SCENARIOS.items():
+            if not spec.get("ddp") and not spec.get("eval"):
+                assert r[name]["exchanged_dtypes"] == {"torch.float64"}, name
 
 
 def test_distributed_path_taken(dist_results: list[dict[str, Any]]) -> None:
