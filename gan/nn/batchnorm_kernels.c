@@ -4,8 +4,8 @@
  * In torch, each layer's per-channel bookkeeping (statistics to sums, sums to mean and variance,
  * the running statistics, the backward's correction) takes about fifty small operators a
  * forward and backward, each of which costs several times its back-to-back time right after a
- * convolution (docs/benchmarks.md). Here a forward is two calls and a backward two, around the
- * exchange of the sums between ranks.
+ * convolution (docs/benchmarks.md). Here a forward is three calls and a backward two, around
+ * the exchange of the sums between ranks.
  *
  * Layout: x is contiguous (N, C, S), S the product of the spatial sizes. Sums and statistics
  * are float64 whatever the data's type, as gan/nn/sync_batchnorm.py's torch path keeps them.

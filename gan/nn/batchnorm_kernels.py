@@ -3,9 +3,10 @@
 The torch path of gan.nn.sync_batchnorm issues about fifty small operators per layer's forward
 and backward; right after a convolution each costs several times its back-to-back time, and
 together they were most of what synchronized batch norm cost a CPU step beyond plain batch norm
-(docs/benchmarks.md, "Fourteenth session"). The C file does the same arithmetic in two calls a
-direction. It has no Python or torch API, so any C compiler builds it in a fraction of a second,
-the way ``torch.compile`` builds its CPU kernels with the system's compiler.
+(docs/benchmarks.md, "Fourteenth session"). The C file does the same arithmetic in three calls
+forward and two backward. It has no Python or torch API, so any C compiler builds it in a
+fraction of a second, the way ``torch.compile`` builds its CPU kernels with the system's
+compiler.
 
 The library is built once per machine into ``_kernels`` under ``$GANPIPE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ganpipe``, else ``~/.cache/ganpipe``), under a name that holds a hash of the

@@ -176,9 +176,9 @@ class _CpuSyncBatchNormFn(torch.autograd.Function):
 
 class _CompiledSyncBatchNormFn(torch.autograd.Function):
     """:class:`_CpuSyncBatchNormFn`'s arithmetic in gan.nn.batchnorm_kernels' compiled passes:
-    two calls a direction around the same exchanges, where the torch path makes about fifty
-    small operators. Takes what :meth:`Kernels.supports` accepts (float32 or float64, one
-    dtype, contiguous)."""
+    three calls forward and two backward around the same exchanges, where the torch path makes
+    about fifty small operators. Takes what :meth:`Kernels.supports` accepts (float32 or
+    float64, one dtype, contiguous)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
