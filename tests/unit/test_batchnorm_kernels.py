@@ -67,8 +67,25 @@ def _one_rank(tensor: torch.Tensor, group: object = None) -> None:
     """The exchange at one rank: the local sums are the global ones."""
 
 
+def _on_path(
+    compiled: bool,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float = 0.1,
+) -> torch.Tensor:
+    """The layer's forward on the compiled passes or on the torch path (eps 1e-5, the default
+    process group)."""
+    args = (x, weight, bias, running_mean, running_var, 1e-5, momentum, None)
+    if compiled:
+        return sync_batchnorm._CompiledSyncBatchNormFn.apply(*args, _compiled_passes())
+    return sync_batchnorm._CpuSyncBatchNormFn.apply(*args)
+
+
 def _layer(
-    function: type, x: torch.Tensor, g: torch.Tensor, affine: bool, running: bool, extra: tuple
+    compiled: bool, x: torch.Tensor, g: torch.Tensor, affine: bool, running: bool
 ) -> dict[str, torch.Tensor | None]:
     channels, dtype = x.shape[1], x.dtype
     gen = torch.Generator().manual_seed(3)
@@ -78,7 +95,7 @@ def _layer(
     running_var = 0.5 + torch.rand(channels, generator=gen, dtype=dtype) if running else None
     x = x.clone().requires_grad_(True)
     w, b = (weight, bias) if affine else (None, None)
-    y = function.apply(x, w, b, running_mean, running_var, 1e-5, 0.3, None, *extra)
+    y = _on_path(compiled, x, w, b, running_mean, running_var, momentum=0.3)
     (y * g).sum().backward()
     return {
         "y": y.detach(),
@@ -118,8 +135,8 @@ def test_compiled_passes_match_the_torch_path(
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + offset).to(dtype)
     g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     assert passes.supports(x)
-    torch_path = _layer(sync_batchnorm._CpuSyncBatchNormFn, x, g, affine, running, ())
-    compiled = _layer(sync_batchnorm._CompiledSyncBatchNormFn, x, g, affine, running, (passes,))
+    torch_path = _layer(False, x, g, affine, running)
+    compiled = _layer(True, x, g, affine, running)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-5
     for key, expected in torch_path.items():
         if expected is None:
@@ -135,17 +152,13 @@ def test_without_an_input_gradient_the_backward_exchanges_nothing(
 ) -> None:
     exchanged: list[int] = []
     monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", lambda t, g=None: exchanged.append(1))
-    passes = _compiled_passes()
     gen = torch.Generator().manual_seed(2)
     x, g = torch.randn(6, 3, 4, 4, generator=gen), torch.randn(6, 3, 4, 4, generator=gen)
     grads = []
-    for function, extra in (
-        (sync_batchnorm._CpuSyncBatchNormFn, ()),
-        (sync_batchnorm._CompiledSyncBatchNormFn, (passes,)),
-    ):
+    for compiled in (False, True):
         weight, bias = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
         exchanged.clear()
-        y = function.apply(x, weight, bias, None, None, 1e-5, 0.1, None, *extra)
+        y = _on_path(compiled, x, weight, bias)
         (y * g).sum().backward()
         assert len(exchanged) == 1  # the forward's only: no rank needs the input gradient
         grads.append((weight.grad, bias.grad))
@@ -155,18 +168,14 @@ def test_without_an_input_gradient_the_backward_exchanges_nothing(
 
 def test_a_gradient_that_is_not_contiguous(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
-    passes = _compiled_passes()
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
     g = torch.randn(4, 5, 5, 3, generator=gen, dtype=torch.float64).permute(0, 3, 1, 2)
     assert not g.is_contiguous()
     x_grads = []
-    for function, extra in (
-        (sync_batchnorm._CpuSyncBatchNormFn, ()),
-        (sync_batchnorm._CompiledSyncBatchNormFn, (passes,)),
-    ):
+    for compiled in (False, True):
         x_in = x.clone().requires_grad_(True)
-        function.apply(x_in, None, None, None, None, 1e-5, 0.1, None, *extra).backward(g)
+        _on_path(compiled, x_in, None).backward(g)
         x_grads.append(x_in.grad)
     torch.testing.assert_close(x_grads[1], x_grads[0], atol=1e-12, rtol=1e-12)
 
@@ -178,13 +187,8 @@ def test_a_second_derivative_through_either_path_is_refused(
     # Neither path differentiates its exchange: a second derivative would miss the other
     # ranks' part without a word.
     monkeypatch.setattr(sync_batchnorm, "all_reduce_sum", _one_rank)
-    function, extra = (
-        (sync_batchnorm._CompiledSyncBatchNormFn, (_compiled_passes(),))
-        if compiled
-        else (sync_batchnorm._CpuSyncBatchNormFn, ())
-    )
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
-    y = function.apply(x, torch.ones(3), None, None, None, 1e-5, 0.1, None, *extra)
+    y = _on_path(compiled, x, torch.ones(3))
     (grad,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         grad.sum().backward()
