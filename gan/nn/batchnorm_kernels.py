@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gan.nn.switches import environment_choice
+
 __all__ = ["CACHE_ENV", "CHOICES", "KERNELS_ENV", "Kernels", "kernels"]
 
 KERNELS_ENV = "GANPIPE_SYNC_BN_KERNELS"
@@ -62,15 +64,6 @@ CFLAGS = (
 )
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _log = logging.getLogger(__name__)
-
-
-def _choice() -> str:
-    choice = os.environ.get(KERNELS_ENV, "auto")
-    if choice not in CHOICES:
-        raise ValueError(
-            f"{KERNELS_ENV}={choice!r} is not a choice; use one of {', '.join(CHOICES)}"
-        )
-    return choice
 
 
 def _cache_dir() -> Path:
@@ -299,7 +292,7 @@ def _pointer(tensor: Tensor | None) -> int | None:
 def kernels() -> Kernels | None:
     """The compiled passes, or None where :data:`KERNELS_ENV` says ``torch`` or, under
     ``auto``, where they cannot be built (one warning says why). Built once per process."""
-    choice = _choice()
+    choice = environment_choice(KERNELS_ENV, CHOICES)
     if choice == "torch":
         return None
     try:

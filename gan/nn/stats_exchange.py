@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gan.nn.switches import environment_choice
+
 __all__ = [
     "EXCHANGES",
     "EXCHANGE_ENV",
@@ -84,12 +86,7 @@ _meshes: weakref.WeakKeyDictionary[Any, _Mesh] = weakref.WeakKeyDictionary()
 def exchange() -> str:
     """Where CPU tensors are summed: ``tcp`` (the default) or ``process_group``, from
     :data:`EXCHANGE_ENV`; ValueError for anything else."""
-    kind = os.environ.get(EXCHANGE_ENV, "tcp")
-    if kind not in EXCHANGES:
-        raise ValueError(
-            f"{EXCHANGE_ENV}={kind!r} is not an exchange; use one of {', '.join(EXCHANGES)}"
-        )
-    return kind
+    return environment_choice(EXCHANGE_ENV, EXCHANGES)
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> None:

@@ -225,21 +225,12 @@ class _CompiledSyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _synchronized_batch_norm(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    eps: float,
-    momentum: float,
-    process_group: Any,
-) -> Tensor:
+def _synchronized_batch_norm(*args: Any) -> Tensor:
     """Global batch norm of CPU ``input``: the compiled passes where they take it (see
     gan.nn.batchnorm_kernels), else the torch path; outside any ``torch.compile`` graph either
     way, so that a compiled model runs the layers around it compiled and this one as it is
-    (sockets, a build and in-place buffer updates cannot be traced)."""
-    args = (input, weight, bias, running_mean, running_var, eps, momentum, process_group)
+    (sockets, a build and in-place buffer updates cannot be traced). ``args`` as the autograd
+    functions take them: input, weight, bias, running mean and variance, eps, momentum, group."""
     if torch.compiler.is_compiling():
         # Not a decorator: torch.compiler.disable imports torch._dynamo, which would add a
         # second of start-up to every process that imports the models.
